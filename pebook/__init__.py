@@ -1,0 +1,63 @@
+"""pebook: positional encodings in Transformers, computed exactly as the papers define them.
+
+The public API, one module per concept:
+
+* :mod:`pebook.sinusoidal` — Vaswani et al. 2017 (arXiv:1706.03762)
+* :mod:`pebook.learned` — Gehring et al. 2017 (arXiv:1705.03122), BERT, GPT-2
+* :mod:`pebook.shaw` — Shaw, Uszkoreit & Vaswani 2018 (arXiv:1803.02155)
+* :mod:`pebook.t5` — Raffel et al. 2020 (arXiv:1910.10683)
+* :mod:`pebook.rope` — Su et al. 2021 (arXiv:2104.09864)
+* :mod:`pebook.alibi` — Press, Smith & Lewis 2022 (arXiv:2108.12409)
+* :mod:`pebook.attention`, :mod:`pebook.model` — attention with any of them, and ``TinyLM``
+"""
+
+from .alibi import alibi_bias, alibi_slopes
+from .attention import ENCODINGS, MultiHeadAttention, positional_attention
+from .learned import LearnedPositionalEmbedding
+from .masking import causal_mask
+from .model import TinyLM, TransformerBlock
+from .plotting import plot_heatmap, plot_lines
+from .rope import (
+    DEFAULT_ROPE_BASE,
+    apply_rope,
+    apply_rope_complex,
+    rope_angles,
+    rope_frequencies,
+    rope_layout_permutation,
+)
+from .shaw import relative_position_index, shaw_attention, shaw_attention_naive
+from .sinusoidal import sinusoidal_encoding, sinusoidal_frequencies, sinusoidal_shift_matrix
+from .t5 import T5RelativeBias, t5_relative_bucket
+from .utils import default_device, seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ENCODINGS",
+    "DEFAULT_ROPE_BASE",
+    "LearnedPositionalEmbedding",
+    "MultiHeadAttention",
+    "T5RelativeBias",
+    "TinyLM",
+    "TransformerBlock",
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rope",
+    "apply_rope_complex",
+    "causal_mask",
+    "default_device",
+    "plot_heatmap",
+    "plot_lines",
+    "positional_attention",
+    "relative_position_index",
+    "rope_angles",
+    "rope_frequencies",
+    "rope_layout_permutation",
+    "seed_everything",
+    "shaw_attention",
+    "shaw_attention_naive",
+    "sinusoidal_encoding",
+    "sinusoidal_frequencies",
+    "sinusoidal_shift_matrix",
+    "t5_relative_bucket",
+]

@@ -1,0 +1,54 @@
+"""Attention with Linear Biases (ALiBi).
+
+Press, Smith & Lewis (2022), "Train Short, Test Long: Attention with Linear Biases Enables
+Input Length Extrapolation", arXiv:2108.12409, §3. No position is added to the input and
+nothing is learned: head ``h`` adds the fixed penalty ``-m_h · (i - j)`` to the logit of query
+``i`` and key ``j`` before the softmax,
+
+    softmax(q_i Kᵀ / sqrt(d) + m_h · [-(i-1), …, -2, -1, 0])                      (§3)
+
+with the head slopes a geometric sequence: for ``n`` heads (a power of two) it starts at
+``2^(-8/n)`` with that same ratio, e.g. ``1/2, 1/4, …, 1/256`` for 8 heads. For other head
+counts the reference code takes the ``2^⌊log2 n⌋`` slopes of the closest power of two, then
+every other slope of the next power of two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_float_tensor, check_int
+
+__all__ = ["alibi_slopes", "alibi_bias"]
+
+
+def _power_of_two_slopes(n: int) -> list[float]:
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (h + 1) for h in range(n)]
+
+
+def alibi_slopes(n_heads: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """Head slopes ``m_h`` of the reference ``get_slopes`` (Press et al. 2022), shape ``(n_heads,)``."""
+    n_heads = check_int("n_heads", n_heads, minimum=1)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    slopes = _power_of_two_slopes(closest)
+    if closest < n_heads:
+        slopes += _power_of_two_slopes(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=dtype, device=device)
+
+
+def alibi_bias(q_len: int, k_len: int, slopes: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """Additive bias ``-m_h · (i - j)``, shape ``(heads, q_len, k_len)``, dtype and device of ``slopes``.
+
+    Query ``i`` is at absolute position ``offset + i``, key ``j`` at position ``j``. Under a
+    causal mask only ``j <= i`` is used, where the bias is ``-m_h`` times the distance.
+    """
+    q_len = check_int("q_len", q_len, minimum=0)
+    k_len = check_int("k_len", k_len, minimum=0)
+    offset = check_int("offset", offset, minimum=0)
+    check_float_tensor("slopes", slopes, ndim=1)
+    device = slopes.device
+    distance = torch.arange(offset, offset + q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
+    return -slopes[:, None, None] * distance.to(slopes.dtype)

@@ -1,0 +1,48 @@
+"""Learned absolute positional embeddings.
+
+A trainable table with one vector per position, added to the token embeddings: Gehring, Auli,
+Grangier, Yarats & Dauphin (2017), "Convolutional Sequence to Sequence Learning",
+arXiv:1705.03122, §3.1; used by BERT (Devlin et al. 2019, arXiv:1810.04805; 512 positions) and
+GPT-2 (Radford et al. 2019; 1024 positions). The table has ``max_positions × dim`` parameters
+and no entry at all for a position ``>= max_positions``: such a model cannot even be run on a
+longer sequence, let alone extrapolate to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import check_int
+
+__all__ = ["LearnedPositionalEmbedding"]
+
+
+class LearnedPositionalEmbedding(nn.Module):
+    """A ``(max_positions, dim)`` trainable table of absolute position vectors.
+
+    ``forward(n_positions, offset=0)`` returns the rows for positions
+    ``offset … offset + n_positions - 1``, with the same signature as
+    :func:`pebook.sinusoidal_encoding`. Rows are initialised from ``N(0, init_std²)``.
+    """
+
+    def __init__(self, max_positions: int, dim: int, *, init_std: float = 1.0):
+        super().__init__()
+        self.max_positions = check_int("max_positions", max_positions, minimum=1)
+        self.dim = check_int("dim", dim, minimum=1)
+        self.weight = nn.Parameter(torch.randn(self.max_positions, self.dim) * init_std)
+
+    def forward(self, n_positions: int, offset: int = 0) -> torch.Tensor:
+        n_positions = check_int("n_positions", n_positions, minimum=0)
+        offset = check_int("offset", offset, minimum=0)
+        last = offset + n_positions - 1
+        if last >= self.max_positions:
+            raise ValueError(
+                f"position {last} is beyond this learned table: it has max_positions={self.max_positions} "
+                f"rows (positions 0..{self.max_positions - 1}); requested n_positions={n_positions} "
+                f"from offset={offset}. A learned absolute embedding has no vector for unseen positions."
+            )
+        return self.weight[offset : offset + n_positions]
+
+    def extra_repr(self) -> str:
+        return f"max_positions={self.max_positions}, dim={self.dim}"

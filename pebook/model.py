@@ -1,0 +1,113 @@
+"""TinyLM: a small decoder-only language model whose positional encoding is a parameter.
+
+Pre-LN blocks (``x + attn(LN(x))``, ``x + mlp(LN(x))``, as in GPT-2, Radford et al. 2019) with
+a causal mask. Absolute encodings (``"sinusoidal"``, ``"learned"``) are added once to the token
+embeddings; the other encodings act inside every attention layer. The model is small enough to
+train on a CPU in the book's chapters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import check_int, check_int_tensor
+from .attention import ABSOLUTE_ENCODINGS, MultiHeadAttention, check_encoding
+from .learned import LearnedPositionalEmbedding
+from .sinusoidal import sinusoidal_encoding
+
+__all__ = ["TransformerBlock", "TinyLM"]
+
+
+class TransformerBlock(nn.Module):
+    """One pre-LN decoder block: causal multi-head attention and a 4×-wide GELU MLP."""
+
+    def __init__(self, dim: int, n_heads: int, encoding: str = "none", **attention_options):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, n_heads, encoding, causal=True, **attention_options)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x, past_kv=None, return_kv: bool = False):
+        attended = self.attn(self.attn_norm(x), past_kv=past_kv, return_kv=return_kv)
+        if return_kv:
+            attended, kv = attended
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return (x, kv) if return_kv else x
+
+
+class TinyLM(nn.Module):
+    """Decoder-only language model: ``forward(tokens)`` → logits ``(batch, seq, vocab_size)``.
+
+    ``max_positions`` is the size of the learned table for ``encoding="learned"`` (longer inputs
+    raise a clear error). For every other encoding it only records the context length the
+    model is meant to be trained at; longer inputs run, which is what an extrapolation
+    experiment needs. Extra keyword options go to :class:`pebook.MultiHeadAttention`
+    (e.g. ``max_distance`` for Shaw, ``rope_base``).
+
+    ``forward(tokens, past_kvs=None, return_kv=False)``: with ``past_kvs`` (the per-layer list
+    returned by an earlier call with ``return_kv=True``) the new tokens continue at position
+    ``past_len``, which is how generation with a KV cache works.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        max_positions: int,
+        encoding: str = "rope",
+        **attention_options,
+    ):
+        super().__init__()
+        self.vocab_size = check_int("vocab_size", vocab_size, minimum=1)
+        self.dim = check_int("dim", dim, minimum=1)
+        self.n_layers = check_int("n_layers", n_layers, minimum=1)
+        self.max_positions = check_int("max_positions", max_positions, minimum=1)
+        self.encoding = check_encoding(encoding)
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        if encoding == "learned":
+            self.position_embedding = LearnedPositionalEmbedding(max_positions, dim)
+        elif encoding == "sinusoidal":
+            sinusoidal_encoding(1, dim)  # validates dim (must be even) at construction
+        layer_encoding = "none" if encoding in ABSOLUTE_ENCODINGS else encoding
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, n_heads, layer_encoding, **attention_options) for _ in range(n_layers)
+        )
+        self.final_norm = nn.LayerNorm(dim)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+
+    def _check_tokens(self, tokens) -> None:
+        check_int_tensor("tokens", tokens, ndim=2)
+        if tokens.shape[1] == 0:
+            raise ValueError(f"tokens must hold at least one position, got shape {tuple(tokens.shape)}")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(
+                f"tokens must lie in [0, vocab_size={self.vocab_size}), got values in "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
+
+    def forward(self, tokens: torch.Tensor, past_kvs: list | None = None, return_kv: bool = False):
+        self._check_tokens(tokens)
+        if past_kvs is not None and len(past_kvs) != self.n_layers:
+            raise ValueError(f"past_kvs must hold one (k, v) per layer ({self.n_layers}), got {len(past_kvs)}")
+        past_len = 0 if past_kvs is None else past_kvs[0][0].shape[2]
+        t = tokens.shape[1]
+        x = self.token_embedding(tokens)
+        if self.encoding == "learned":
+            x = x + self.position_embedding(t, past_len)
+        elif self.encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(t, self.dim, offset=past_len, dtype=x.dtype, device=x.device)
+
+        new_kvs = []
+        for layer, block in enumerate(self.blocks):
+            past = None if past_kvs is None else past_kvs[layer]
+            x = block(x, past_kv=past, return_kv=return_kv)
+            if return_kv:
+                x, kv = x
+                new_kvs.append(kv)
+        logits = self.lm_head(self.final_norm(x))
+        return (logits, new_kvs) if return_kv else logits

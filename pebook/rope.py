@@ -1,0 +1,137 @@
+"""Rotary position embedding (RoPE).
+
+Su, Lu, Pan, Murtadha, Wen & Liu (2021), "RoFormer: Enhanced Transformer with Rotary Position
+Embedding", arXiv:2104.09864, §3.2-3.4. Split a query or key ``x`` at position ``m`` into
+``d/2`` feature pairs, read pair ``i`` as the complex number ``x^(i)``, and multiply it by
+``e^{i m θ_i}`` with ``θ_i = base^(-2i/d)`` (eqs. 12-16). Then
+
+    ⟨f(q, m), f(k, n)⟩ = Re Σ_i q^(i) conj(k^(i)) e^{i (m - n) θ_i}
+
+depends on the positions only through ``m - n``.
+
+Which features form a pair is a convention, and both are in use:
+
+* ``"interleaved"`` pairs ``(2i, 2i+1)``: the paper, GPT-J, Meta's Llama reference code
+  (:func:`apply_rope_complex`), ``rotary-embedding-torch``.
+* ``"half"`` pairs ``(i, i + d/2)``: GPT-NeoX and Llama in ``transformers`` (``rotate_half``:
+  ``cat(-x2, x1)``).
+
+They are the same function up to a fixed permutation of features
+(:func:`rope_layout_permutation`); a checkpoint trained with one gives wrong results with the
+other. Angles ``m·θ`` are always formed in float32 or float64, never in the input dtype:
+bfloat16 rounds positions between 4096 and 8192 to multiples of 32, an angle error of up to
+16 radians at ``θ_0 = 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_even, check_float_dtype, check_float_tensor, check_positive_float, check_same_placement
+
+__all__ = [
+    "DEFAULT_ROPE_BASE",
+    "rope_frequencies",
+    "rope_angles",
+    "apply_rope",
+    "apply_rope_complex",
+    "rope_layout_permutation",
+    "ROPE_LAYOUTS",
+]
+
+DEFAULT_ROPE_BASE = 10000.0
+ROPE_LAYOUTS = ("half", "interleaved")
+
+
+def rope_frequencies(
+    dim: int, base: float = DEFAULT_ROPE_BASE, *, dtype: torch.dtype = torch.float32, device=None
+) -> torch.Tensor:
+    """``inv_freq``: the ``dim/2`` rotation frequencies ``θ_i = base^(-2i/dim)`` (RoFormer eq. 15).
+
+    Computed in float64 and rounded once to ``dtype`` (float32 or float64).
+    """
+    dim = check_even("dim", dim)
+    base = check_positive_float("base", base, greater_than=1.0)
+    check_float_dtype("dtype", dtype, allowed=(torch.float32, torch.float64))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
+    return (base ** (-exponents)).to(dtype)
+
+
+def _angle_dtype(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.dtype:
+    return torch.float64 if torch.float64 in (x.dtype, inv_freq.dtype) else torch.float32
+
+
+def _check_rope_inputs(x, positions, inv_freq) -> torch.dtype:
+    check_float_tensor("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (..., seq, head_dim), got shape {tuple(x.shape)}")
+    check_float_tensor("inv_freq", inv_freq, ndim=1)
+    check_float_dtype("inv_freq.dtype", inv_freq.dtype, allowed=(torch.float32, torch.float64))
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a 1-D torch.Tensor of positions, got {type(positions).__name__}")
+    if positions.dtype == torch.bool or positions.dtype.is_complex:
+        raise TypeError(f"positions must be an integer or floating tensor, got dtype {positions.dtype}")
+    if positions.dim() != 1:
+        raise ValueError(f"positions must be 1-D (one position per row of x), got shape {tuple(positions.shape)}")
+    check_same_placement(x=x, positions=positions, inv_freq=inv_freq)
+    seq, dim = x.shape[-2], x.shape[-1]
+    if dim % 2 or inv_freq.numel() * 2 != dim:
+        raise ValueError(
+            f"x's last dimension (head_dim={dim}) must equal 2 * len(inv_freq) = {2 * inv_freq.numel()}"
+        )
+    if positions.numel() != seq:
+        raise ValueError(f"positions has {positions.numel()} entries but x has seq={seq} rows (x.shape[-2])")
+    return _angle_dtype(x, inv_freq)
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The ``(len(positions), len(inv_freq))`` angles ``m · θ_i`` in ``dtype`` (float32 or float64)."""
+    check_float_dtype("dtype", dtype, allowed=(torch.float32, torch.float64))
+    return positions.to(dtype)[:, None] * inv_freq.to(dtype)[None, :]
+
+
+def apply_rope_complex(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (``(..., seq, head_dim)``) by complex multiplication, RoFormer eq. (12).
+
+    Consecutive features ``(2i, 2i+1)`` are read as ``x_{2i} + i·x_{2i+1}`` and multiplied by
+    ``e^{i · positions · θ_i}``, as in Meta's Llama reference (``apply_rotary_emb``). Returns a
+    tensor of ``x``'s shape, dtype and device.
+    """
+    dtype = _check_rope_inputs(x, positions, inv_freq)
+    rotation = torch.polar(torch.ones((), dtype=dtype, device=x.device), rope_angles(positions, inv_freq, dtype))
+    pairs = torch.view_as_complex(x.to(dtype).contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Rotate ``x`` (``(..., seq, head_dim)``) in real arithmetic, RoFormer eq. (34).
+
+    ``layout="half"`` rotates pairs ``(i, i + d/2)`` (GPT-NeoX / ``transformers`` Llama:
+    ``x·cos + cat(-x2, x1)·sin``); ``layout="interleaved"`` rotates pairs ``(2i, 2i+1)``
+    (GPT-J, equal to :func:`apply_rope_complex`). Row ``r`` of ``x`` is rotated by the angles of
+    ``positions[r]``. Returns a tensor of ``x``'s shape, dtype and device.
+    """
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+    dtype = _check_rope_inputs(x, positions, inv_freq)
+    angles = rope_angles(positions, inv_freq, dtype)
+    cos, sin = angles.cos(), angles.sin()
+    xf = x.to(dtype)
+    if layout == "half":
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return rotated.to(x.dtype)
+
+
+def rope_layout_permutation(dim: int, *, device=None) -> torch.Tensor:
+    """Feature order ``perm`` with ``apply_rope(x, p, f, "half") == apply_rope(x[..., perm], p, f, "interleaved")[..., inv]``.
+
+    ``perm = [0, d/2, 1, d/2 + 1, …]`` puts half-split pair ``(i, i + d/2)`` at interleaved slots
+    ``(2i, 2i+1)``; ``inv = argsort(perm)`` undoes it.
+    """
+    dim = check_even("dim", dim)
+    half = torch.arange(dim // 2, device=device)
+    return torch.stack((half, half + dim // 2), dim=-1).flatten()

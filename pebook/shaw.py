@@ -1,0 +1,118 @@
+"""Relative position representations of Shaw, Uszkoreit & Vaswani.
+
+Shaw, Uszkoreit & Vaswani (2018), "Self-Attention with Relative Position Representations",
+arXiv:1803.02155, eqs. (3)-(6). Two learned tables ``w^K, w^V`` of ``2k + 1`` vectors each
+(shared by all heads) give, for query ``i`` and key ``j``,
+
+    a^K_ij = w^K_clip(j - i, k),   a^V_ij = w^V_clip(j - i, k)                  (5), (6)
+    e_ij   = q_i · (k_j + a^K_ij) / sqrt(d)                                       (4)
+    z_i    = Σ_j α_ij (v_j + a^V_ij),   α = softmax_j(e)                          (3)
+
+The direct implementation gathers ``a^K`` and ``a^V`` into two ``(L, L, d)`` tensors.
+:func:`shaw_attention` never does: since ``a^K_ij`` takes only ``2k + 1`` values,
+
+    q_i · a^K_ij = (Q W_Kᵀ)[i, idx_ij]                     an (L, 2k+1) product, then a gather
+    Σ_j α_ij a^V_ij = Σ_r (Σ_{j: idx_ij = r} α_ij) w^V_r   sum the weights per offset, then (L, 2k+1) @ (2k+1, d)
+
+so the extra memory per head is ``O(L·(2k+1) + L²)`` instead of ``O(L²·d)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_attention_inputs, check_float_tensor, check_int, check_same_placement
+from .masking import causal_mask
+
+__all__ = ["relative_position_index", "shaw_attention", "shaw_attention_naive"]
+
+
+def relative_position_index(q_len: int, k_len: int, max_distance: int, offset: int = 0, *, device=None) -> torch.Tensor:
+    """Row index ``clip(j - i, -k, k) + k`` into a ``(2k + 1, ·)`` table, shape ``(q_len, k_len)``.
+
+    Query ``i`` is at absolute position ``offset + i``, key ``j`` at position ``j``; ``k`` is
+    ``max_distance``. Offsets beyond ``±k`` share the end rows ``0`` and ``2k``.
+    """
+    q_len = check_int("q_len", q_len, minimum=0)
+    k_len = check_int("k_len", k_len, minimum=0)
+    max_distance = check_int("max_distance", max_distance, minimum=0)
+    offset = check_int("offset", offset, minimum=0)
+    query_pos = torch.arange(offset, offset + q_len, device=device)
+    key_pos = torch.arange(k_len, device=device)
+    relative = key_pos[None, :] - query_pos[:, None]
+    return relative.clamp(-max_distance, max_distance) + max_distance
+
+
+def _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, offset):
+    b, h, lq, lk, d = check_attention_inputs(q, k, v)
+    max_distance = check_int("max_distance", max_distance, minimum=0)
+    n_rel = 2 * max_distance + 1
+    for name, table in (("rel_k", rel_k), ("rel_v", rel_v)):
+        check_float_tensor(name, table, ndim=2)
+        if tuple(table.shape) != (n_rel, d):
+            raise ValueError(
+                f"{name} must have shape (2*max_distance+1, head_dim) = ({n_rel}, {d}) for "
+                f"max_distance={max_distance}, got {tuple(table.shape)}"
+            )
+        if table.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {table.dtype} but q has dtype {q.dtype}; they must match")
+    check_same_placement(q=q, rel_k=rel_k, rel_v=rel_v)
+    offset = lk - lq if offset is None else check_int("offset", offset, minimum=0)
+    if offset < 0:
+        raise ValueError(f"with offset=None the queries are the last q_len keys, so q_len={lq} must be <= k_len={lk}")
+    return b, h, lq, lk, d, max_distance, offset
+
+
+def shaw_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_k: torch.Tensor,
+    rel_v: torch.Tensor,
+    max_distance: int,
+    causal: bool = True,
+    offset: int | None = None,
+) -> torch.Tensor:
+    """Attention with Shaw et al.'s key and value terms, eqs. (3)-(6), in ``O(L·(2k+1) + L²)`` memory.
+
+    ``q``: ``(batch, heads, q_len, head_dim)``; ``k``, ``v``: ``(batch, heads, k_len, head_dim)``;
+    ``rel_k``, ``rel_v``: ``(2*max_distance + 1, head_dim)``. Query ``i`` is at absolute
+    position ``offset + i``; ``offset=None`` means ``k_len - q_len`` (the queries are the last
+    positions, as when decoding with a KV cache). Returns ``(batch, heads, q_len, head_dim)``.
+    """
+    b, h, lq, lk, d, max_distance, offset = _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, offset)
+    index = relative_position_index(lq, lk, max_distance, offset, device=q.device).expand(b, h, lq, lk)
+
+    logits = q @ k.transpose(-1, -2)  # content term q_i · k_j
+    logits += (q @ rel_k.T).gather(-1, index)  # q_i · a^K_ij from an (L, 2k+1) product
+    logits *= d**-0.5
+    if causal:
+        logits.masked_fill_(~causal_mask(lq, lk, offset, device=q.device), float("-inf"))
+    weights = logits.softmax(dim=-1)
+
+    weight_per_offset = weights.new_zeros(b, h, lq, 2 * max_distance + 1).scatter_add_(-1, index, weights)
+    return weights @ v + weight_per_offset @ rel_v
+
+
+def shaw_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_k: torch.Tensor,
+    rel_v: torch.Tensor,
+    max_distance: int,
+    causal: bool = True,
+    offset: int | None = None,
+) -> torch.Tensor:
+    """Shaw et al.'s eqs. (3)-(6) written directly, materialising ``(q_len, k_len, head_dim)`` tensors.
+
+    For teaching and benchmarks only: its memory grows as ``L²·d``. Use :func:`shaw_attention`.
+    """
+    b, h, lq, lk, d, max_distance, offset = _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, offset)
+    index = relative_position_index(lq, lk, max_distance, offset, device=q.device)
+    a_k, a_v = rel_k[index], rel_v[index]  # (lq, lk, d) each
+    logits = (q @ k.transpose(-1, -2) + torch.einsum("bhid,ijd->bhij", q, a_k)) * d**-0.5
+    if causal:
+        logits = logits.masked_fill(~causal_mask(lq, lk, offset, device=q.device), float("-inf"))
+    weights = logits.softmax(dim=-1)
+    return weights @ v + torch.einsum("bhij,ijd->bhid", weights, a_v)
