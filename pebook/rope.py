@@ -119,10 +119,14 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     xf = x.to(dtype)
     if layout == "half":
         x1, x2 = xf.chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     else:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    # (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin) + i (x2 cos + x1 sin)
+    first, second = torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)
+    if layout == "half":
+        rotated = torch.cat((first, second), dim=-1)
+    else:
+        rotated = torch.stack((first, second), dim=-1).flatten(-2)
     return rotated.to(x.dtype)
 
 

@@ -40,7 +40,7 @@ def relative_position_index(q_len: int, k_len: int, max_distance: int, offset: i
     query_pos = torch.arange(offset, offset + q_len, device=device)
     key_pos = torch.arange(k_len, device=device)
     relative = key_pos[None, :] - query_pos[:, None]
-    return relative.clamp(-max_distance, max_distance) + max_distance
+    return relative.clamp_(-max_distance, max_distance).add_(max_distance)  # in place: one (q_len, k_len) tensor
 
 
 def _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, offset):
