@@ -16,7 +16,7 @@ from .attention import ENCODINGS, MultiHeadAttention, positional_attention
 from .learned import LearnedPositionalEmbedding
 from .masking import causal_mask
 from .model import TinyLM, TransformerBlock
-from .plotting import plot_heatmap, plot_lines
+from .plotting import plot_heatmap, plot_heatmaps, plot_lines
 from .rope import (
     DEFAULT_ROPE_BASE,
     apply_rope,
@@ -47,6 +47,7 @@ __all__ = [
     "causal_mask",
     "default_device",
     "plot_heatmap",
+    "plot_heatmaps",
     "plot_lines",
     "positional_attention",
     "relative_position_index",

@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ["plot_heatmap", "plot_lines"]
+__all__ = ["plot_heatmap", "plot_heatmaps", "plot_lines"]
 
 
 def _to_numpy(values) -> np.ndarray:
@@ -44,6 +44,45 @@ def plot_heatmap(
     fig.colorbar(image, ax=ax, label=colorbar_label)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     fig.tight_layout()
+    return fig
+
+
+def plot_heatmaps(
+    matrices: Mapping[str, object],
+    *,
+    ncols: int = 4,
+    suptitle: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    cmap: str = "viridis",
+    symmetric: bool = False,
+    panel_size: tuple[float, float] = (3.0, 2.6),
+):
+    """Several 2-D tables side by side, one titled panel each (``{title: matrix}``), sharing one colour scale."""
+    if not matrices:
+        raise ValueError("matrices must hold at least one {title: matrix} entry")
+    arrays = {title: _to_numpy(m) for title, m in matrices.items()}
+    for title, values in arrays.items():
+        if values.ndim != 2:
+            raise ValueError(f"matrix {title!r} must be 2-D, got shape {values.shape}")
+    finite = np.concatenate([a[np.isfinite(a)] for a in arrays.values()])
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if symmetric:
+        vmax = max(abs(vmin), abs(vmax))
+        vmin = -vmax
+    ncols = min(ncols, len(arrays))
+    nrows = -(-len(arrays) // ncols)
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(panel_size[0] * ncols, panel_size[1] * nrows), squeeze=False, constrained_layout=True
+    )
+    for ax, (title, values) in zip(axes.flat, arrays.items()):
+        image = ax.imshow(values, aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    for ax in list(axes.flat)[len(arrays) :]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    if suptitle:
+        fig.suptitle(suptitle)
     return fig
 
 
