@@ -19,9 +19,9 @@ import math
 
 import torch
 
-from ._checks import check_float_tensor, check_int
+from ._checks import check_float_tensor, check_int, check_positive_float
 
-__all__ = ["alibi_slopes", "alibi_bias"]
+__all__ = ["alibi_slopes", "alibi_bias", "alibi_distance_weights", "alibi_effective_window"]
 
 
 def _power_of_two_slopes(n: int) -> list[float]:
@@ -52,3 +52,38 @@ def alibi_bias(q_len: int, k_len: int, slopes: torch.Tensor, offset: int = 0) ->
     device = slopes.device
     distance = torch.arange(offset, offset + q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
     return -slopes[:, None, None] * distance.to(slopes.dtype)
+
+
+def alibi_distance_weights(slopes: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Attention weights of one query over ``n_keys`` keys when every content score is equal.
+
+    Shape ``(heads, n_keys)``, dtype and device of ``slopes``; column ``d`` is the key at
+    distance ``d`` behind the query (``d = 0`` is the query's own position). With the content
+    term ``q·k`` the same for every key, softmax is invariant to it, and what is left of
+    Press, Smith & Lewis (2022, arXiv:2108.12409, §3) is the bias alone:
+
+        w_h(d) = exp(-m_h d) / Σ_{d'=0}^{n_keys-1} exp(-m_h d')
+
+    a geometric decay: ``w_h(d + 1) / w_h(d) = exp(-m_h)``.
+    """
+    check_float_tensor("slopes", slopes, ndim=1)
+    n_keys = check_int("n_keys", n_keys, minimum=1)
+    distance = torch.arange(n_keys, device=slopes.device).to(slopes.dtype)
+    return torch.softmax(-slopes[:, None] * distance, dim=-1)
+
+
+def alibi_effective_window(slopes: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
+    """Distance ``ln(1/fraction) / m_h`` at which a head's weight falls to ``fraction`` of the nearest key's.
+
+    Shape ``(heads,)``, dtype and device of ``slopes``. Follows from the geometric decay of
+    :func:`alibi_distance_weights`: ``w_h(d) / w_h(0) = exp(-m_h d)`` (Press, Smith & Lewis
+    2022, arXiv:2108.12409, §3, with equal content scores). The first integer distance whose
+    weight is at most ``fraction`` times the nearest one is the ceiling of this value.
+    """
+    check_float_tensor("slopes", slopes, ndim=1)
+    if not bool((slopes > 0).all()):
+        raise ValueError(f"slopes must all be > 0 (a head with slope <= 0 has no finite window), got {slopes.tolist()}")
+    fraction = check_positive_float("fraction", fraction)
+    if fraction >= 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    return math.log(1.0 / fraction) / slopes

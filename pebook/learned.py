@@ -15,7 +15,7 @@ from torch import nn
 
 from ._checks import check_int
 
-__all__ = ["LearnedPositionalEmbedding"]
+__all__ = ["LearnedPositionalEmbedding", "learned_parameter_count"]
 
 
 class LearnedPositionalEmbedding(nn.Module):
@@ -46,3 +46,16 @@ class LearnedPositionalEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"max_positions={self.max_positions}, dim={self.dim}"
+
+
+def learned_parameter_count(max_positions: int, dim: int) -> int:
+    """Trainable parameters of a learned absolute table: ``max_positions × dim``.
+
+    The table of Gehring et al. (2017, arXiv:1705.03122, §3.1) holds one ``dim``-vector per
+    position. The count is fixed when the model is built and does not depend on the length of
+    the inputs: BERT-base, 512 positions × 768, has 393,216 (Devlin et al. 2019,
+    arXiv:1810.04805); GPT-2 small, 1024 × 768, has 786,432 (Radford et al. 2019).
+    """
+    max_positions = check_int("max_positions", max_positions, minimum=1)
+    dim = check_int("dim", dim, minimum=1)
+    return max_positions * dim

@@ -36,6 +36,7 @@ __all__ = [
     "apply_rope",
     "apply_rope_complex",
     "rope_layout_permutation",
+    "rope_decay_bound",
     "ROPE_LAYOUTS",
 ]
 
@@ -139,3 +140,30 @@ def rope_layout_permutation(dim: int, *, device=None) -> torch.Tensor:
     dim = check_even("dim", dim)
     half = torch.arange(dim // 2, device=device)
     return torch.stack((half, half + dim // 2), dim=-1).flatten()
+
+
+def rope_decay_bound(distances: torch.Tensor, dim: int, base: float = DEFAULT_ROPE_BASE) -> torch.Tensor:
+    """RoFormer's "relative upper bound" ``(1/(d/2)) Σ_{j=1}^{d/2} |S_j|`` at each relative distance.
+
+    Su et al. (2021), arXiv:2104.09864, §3.4.3, eqs. (35)-(37) and Fig. 2. With
+    ``h_i = q^(i) conj(k^(i))`` (pair ``i`` of ``q`` and ``k`` read as complex numbers),
+    ``r = m - n`` and the partial sums ``S_j = Σ_{k=0}^{j-1} e^{i r θ_k}``, Abel summation gives
+
+        |Σ_i h_i e^{i r θ_i}| ≤ (max_i |h_{i+1} - h_i|) · Σ_{j=1}^{d/2} |S_j|      (h_{d/2} = 0),
+
+    so the RoPE score ``Re Σ_i h_i e^{i r θ_i}`` is bounded by a content factor times
+    ``Σ_j |S_j|``. This function returns ``Σ_j |S_j| / (d/2)``, the curve of the paper's Fig. 2,
+    for ``θ_i = base^(-2i/d)``. It bounds the worst case over ``q, k`` (up to the content factor);
+    it is not the score of any particular ``q, k``. At ``r = 0`` it equals ``(d/2 + 1) / 2``.
+
+    ``distances``: a tensor of relative distances ``m - n`` (integer or floating, any shape).
+    Returns a float64 tensor of the same shape and device.
+    """
+    if not isinstance(distances, torch.Tensor):
+        raise TypeError(f"distances must be a torch.Tensor of relative distances, got {type(distances).__name__}")
+    if distances.dtype == torch.bool or distances.dtype.is_complex:
+        raise TypeError(f"distances must be an integer or floating tensor, got dtype {distances.dtype}")
+    inv_freq = rope_frequencies(dim, base, dtype=torch.float64, device=distances.device)
+    angles = distances.to(torch.float64)[..., None] * inv_freq  # (..., d/2): r θ_k
+    partial_sums = torch.polar(torch.ones_like(angles), angles).cumsum(-1)  # S_1 … S_{d/2}
+    return partial_sums.abs().mean(-1)

@@ -1,10 +1,10 @@
 """Relative position representations of Shaw, Uszkoreit & Vaswani.
 
 Shaw, Uszkoreit & Vaswani (2018), "Self-Attention with Relative Position Representations",
-arXiv:1803.02155, eqs. (3)-(6). Two learned tables ``w^K, w^V`` of ``2k + 1`` vectors each
+arXiv:1803.02155, §3.1 (eqs. 3-4) and §3.2 (clipping). Two learned tables ``w^K, w^V`` of ``2k + 1`` vectors each
 (shared by all heads) give, for query ``i`` and key ``j``,
 
-    a^K_ij = w^K_clip(j - i, k),   a^V_ij = w^V_clip(j - i, k)                  (5), (6)
+    a^K_ij = w^K_clip(j - i, k),   a^V_ij = w^V_clip(j - i, k)                  (§3.2)
     e_ij   = q_i · (k_j + a^K_ij) / sqrt(d)                                       (4)
     z_i    = Σ_j α_ij (v_j + a^V_ij),   α = softmax_j(e)                          (3)
 
@@ -24,7 +24,7 @@ import torch
 from ._checks import check_attention_inputs, check_float_tensor, check_int, check_same_placement
 from .masking import causal_mask
 
-__all__ = ["relative_position_index", "shaw_attention", "shaw_attention_naive"]
+__all__ = ["relative_position_index", "reachable_offsets", "shaw_attention", "shaw_attention_naive"]
 
 
 def relative_position_index(q_len: int, k_len: int, max_distance: int, offset: int = 0, *, device=None) -> torch.Tensor:
@@ -41,6 +41,37 @@ def relative_position_index(q_len: int, k_len: int, max_distance: int, offset: i
     key_pos = torch.arange(k_len, device=device)
     relative = key_pos[None, :] - query_pos[:, None]
     return relative.clamp_(-max_distance, max_distance).add_(max_distance)  # in place: one (q_len, k_len) tensor
+
+
+def reachable_offsets(
+    q_len: int, k_len: int, max_distance: int, causal: bool = True, offset: int | None = None, *, device=None
+) -> torch.Tensor:
+    """Which rows of the ``(2k + 1, d)`` tables ``w^K, w^V`` a ``q_len × k_len`` attention can use.
+
+    Returns a boolean tensor of shape ``(2 * max_distance + 1,)``; entry ``r`` is True when at
+    least one visible (query, key) pair has ``clip(j - i, -k, k) + k == r`` (Shaw, Uszkoreit &
+    Vaswani 2018, arXiv:1803.02155, §3.2). Positions follow :func:`shaw_attention`: query ``i``
+    at ``offset + i`` (``offset=None``: ``k_len - q_len``), key ``j`` at ``j``; with ``causal``
+    only keys ``j <= offset + i`` are visible. A row that is not reachable receives a gradient
+    of exactly zero from that attention: training at these lengths leaves it at its initial
+    value (up to weight decay, which only shrinks it).
+    """
+    q_len = check_int("q_len", q_len, minimum=0)
+    k_len = check_int("k_len", k_len, minimum=0)
+    max_distance = check_int("max_distance", max_distance, minimum=0)
+    if offset is None:
+        offset = k_len - q_len
+        if offset < 0:
+            raise ValueError(
+                f"with offset=None the queries are the last q_len keys, so q_len={q_len} must be <= k_len={k_len}"
+            )
+    offset = check_int("offset", offset, minimum=0)
+    index = relative_position_index(q_len, k_len, max_distance, offset, device=device)
+    if causal:
+        index = index[causal_mask(q_len, k_len, offset, device=device)]
+    reachable = torch.zeros(2 * max_distance + 1, dtype=torch.bool, device=device)
+    reachable[index.flatten()] = True
+    return reachable
 
 
 def _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, offset):
@@ -73,7 +104,7 @@ def shaw_attention(
     causal: bool = True,
     offset: int | None = None,
 ) -> torch.Tensor:
-    """Attention with Shaw et al.'s key and value terms, eqs. (3)-(6), in ``O(L·(2k+1) + L²)`` memory.
+    """Attention with Shaw et al.'s key and value terms (§3.1-3.2), in ``O(L·(2k+1) + L²)`` memory.
 
     ``q``: ``(batch, heads, q_len, head_dim)``; ``k``, ``v``: ``(batch, heads, k_len, head_dim)``;
     ``rel_k``, ``rel_v``: ``(2*max_distance + 1, head_dim)``. Query ``i`` is at absolute
@@ -104,7 +135,7 @@ def shaw_attention_naive(
     causal: bool = True,
     offset: int | None = None,
 ) -> torch.Tensor:
-    """Shaw et al.'s eqs. (3)-(6) written directly, materialising ``(q_len, k_len, head_dim)`` tensors.
+    """Shaw et al.'s §3.1-3.2 written directly, materialising ``(q_len, k_len, head_dim)`` tensors.
 
     For teaching and benchmarks only: its memory grows as ``L²·d``. Use :func:`shaw_attention`.
     """

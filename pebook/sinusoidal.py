@@ -17,9 +17,22 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_even, check_float_dtype, check_int, check_positive_float
+from ._checks import (
+    check_even,
+    check_float_dtype,
+    check_float_tensor,
+    check_int,
+    check_int_tensor,
+    check_positive_float,
+)
 
-__all__ = ["sinusoidal_frequencies", "sinusoidal_encoding", "sinusoidal_shift_matrix"]
+__all__ = [
+    "sinusoidal_frequencies",
+    "sinusoidal_encoding",
+    "sinusoidal_shift_matrix",
+    "sinusoidal_dot_profile",
+    "fit_shift_map",
+]
 
 DEFAULT_SINUSOIDAL_BASE = 10000.0
 
@@ -78,3 +91,50 @@ def sinusoidal_shift_matrix(
     cos, sin = (k * omega).cos(), (k * omega).sin()
     blocks = torch.stack((torch.stack((cos, sin), -1), torch.stack((-sin, cos), -1)), -2)
     return torch.block_diag(*blocks).to(dtype)
+
+
+def sinusoidal_dot_profile(offsets: torch.Tensor, dim: int, base: float = DEFAULT_SINUSOIDAL_BASE) -> torch.Tensor:
+    """``PE(p) · PE(p + k) = Σ_i cos(k ω_i)`` for every offset ``k`` in ``offsets``, in float64.
+
+    For the encoding of Vaswani et al. (2017, §3.5), expanding each feature pair with
+    ``sin a sin b + cos a cos b = cos(b - a)`` removes ``p``: the dot product of two encodings depends only on their
+    offset ``k``, and since cosine is even it is the same for ``k`` and ``-k``. Consequently
+    ``|PE(p) - PE(p + k)|² = dim - 2 Σ_i cos(k ω_i)`` also depends on ``k`` alone.
+
+    ``offsets`` is an integer tensor of any shape (negative offsets allowed); the result has the
+    same shape and device, dtype float64.
+    """
+    check_int_tensor("offsets", offsets)
+    omega = sinusoidal_frequencies(dim, base, device=offsets.device)
+    return torch.cos(offsets.to(torch.float64)[..., None] * omega).sum(-1)
+
+
+def fit_shift_map(table: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
+    """Best linear map ``M`` with ``table[p + k] ≈ M @ table[p]`` for all rows ``p``, by least squares.
+
+    Tests the property Vaswani et al. (2017, §3.5) chose the sinusoidal encoding for: "for any
+    fixed offset k, PE_{pos+k} can be represented as a linear function of PE_{pos}". For the
+    sinusoidal table the fit is exact (relative residual at rounding level, and ``M`` is
+    :func:`sinusoidal_shift_matrix` wherever the table has full numerical rank); for a table
+    without that structure the residual stays large, so no fixed ``M_k`` exists.
+
+    ``table`` is a ``(n_positions, dim)`` floating tensor, row ``p`` the encoding of position
+    ``p``; it needs ``n_positions - k >= dim`` rows so that the system is not underdetermined.
+    Solved in float64 on the CPU with the SVD-based ``gelsd`` driver (robust to the
+    near-collinear low-frequency columns). Returns ``(M, residual)``: ``M`` of shape
+    ``(dim, dim)`` in float64 on ``table``'s device, and ``residual = ‖Y - X Mᵀ‖_F / ‖Y‖_F`` with
+    ``X = table[:-k]`` and ``Y = table[k:]``.
+    """
+    check_float_tensor("table", table, ndim=2)
+    n, dim = table.shape
+    k = check_int("k", k, minimum=1)
+    if n - k < dim:
+        raise ValueError(
+            f"k={k} leaves only n_positions - k = {n - k} row pairs for a ({dim}, {dim}) map; "
+            f"table needs at least dim + k = {dim + k} rows, got {n}"
+        )
+    t = table.detach().to("cpu", torch.float64)
+    x, y = t[:-k], t[k:]
+    solution = torch.linalg.lstsq(x, y, driver="gelsd").solution  # y ≈ x @ solution
+    residual = ((y - x @ solution).norm() / y.norm()).item() if y.norm() > 0 else 0.0
+    return solution.T.contiguous().to(table.device), residual
