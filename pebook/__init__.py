@@ -11,9 +11,9 @@ The public API, one module per concept:
 * :mod:`pebook.attention`, :mod:`pebook.model` — attention with any of them, and ``TinyLM``
 """
 
-from .alibi import alibi_bias, alibi_slopes
+from .alibi import alibi_bias, alibi_distance_weights, alibi_effective_window, alibi_slopes
 from .attention import ENCODINGS, MultiHeadAttention, positional_attention
-from .learned import LearnedPositionalEmbedding
+from .learned import LearnedPositionalEmbedding, learned_parameter_count
 from .masking import causal_mask
 from .model import TinyLM, TransformerBlock
 from .plotting import plot_heatmap, plot_heatmaps, plot_lines
@@ -22,41 +22,55 @@ from .rope import (
     apply_rope,
     apply_rope_complex,
     rope_angles,
+    rope_decay_bound,
     rope_frequencies,
     rope_layout_permutation,
 )
-from .shaw import relative_position_index, shaw_attention, shaw_attention_naive
-from .sinusoidal import sinusoidal_encoding, sinusoidal_frequencies, sinusoidal_shift_matrix
+from .shaw import reachable_offsets, relative_position_index, shaw_attention, shaw_attention_naive
+from .sinusoidal import (
+    fit_shift_map,
+    sinusoidal_dot_profile,
+    sinusoidal_encoding,
+    sinusoidal_frequencies,
+    sinusoidal_shift_matrix,
+)
 from .t5 import T5RelativeBias, t5_relative_bucket
 from .utils import default_device, seed_everything
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ENCODINGS",
     "DEFAULT_ROPE_BASE",
+    "ENCODINGS",
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
     "T5RelativeBias",
     "TinyLM",
     "TransformerBlock",
     "alibi_bias",
+    "alibi_distance_weights",
+    "alibi_effective_window",
     "alibi_slopes",
     "apply_rope",
     "apply_rope_complex",
     "causal_mask",
     "default_device",
+    "fit_shift_map",
+    "learned_parameter_count",
     "plot_heatmap",
     "plot_heatmaps",
     "plot_lines",
     "positional_attention",
+    "reachable_offsets",
     "relative_position_index",
     "rope_angles",
+    "rope_decay_bound",
     "rope_frequencies",
     "rope_layout_permutation",
     "seed_everything",
     "shaw_attention",
     "shaw_attention_naive",
+    "sinusoidal_dot_profile",
     "sinusoidal_encoding",
     "sinusoidal_frequencies",
     "sinusoidal_shift_matrix",

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ._checks import check_float_tensor, check_int, check_positive_float
+from ._checks import check_float_dtype, check_float_tensor, check_int, check_positive_float
 
 __all__ = ["alibi_slopes", "alibi_bias", "alibi_distance_weights", "alibi_effective_window"]
 
@@ -32,6 +32,7 @@ def _power_of_two_slopes(n: int) -> list[float]:
 def alibi_slopes(n_heads: int, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     """Head slopes ``m_h`` of the reference ``get_slopes`` (Press et al. 2022), shape ``(n_heads,)``."""
     n_heads = check_int("n_heads", n_heads, minimum=1)
+    check_float_dtype("dtype", dtype)
     closest = 2 ** math.floor(math.log2(n_heads))
     slopes = _power_of_two_slopes(closest)
     if closest < n_heads:

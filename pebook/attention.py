@@ -132,7 +132,8 @@ def positional_attention(
         if table.shape[1] != h:
             raise ValueError(f"bias_table must have shape (num_buckets, heads={h}), got {tuple(table.shape)}")
         relative = torch.arange(lk, device=q.device)[None, :] - query_positions(lq, offset, device=q.device)[:, None]
-        buckets = t5_relative_bucket(relative, not causal, table.shape[0], params.get("max_distance") or 128)
+        max_distance = params.get("max_distance")
+        buckets = t5_relative_bucket(relative, not causal, table.shape[0], 128 if max_distance is None else max_distance)
         bias = table.to(q.device)[buckets].permute(2, 0, 1)
     return _sdpa(q, k, v, bias, causal, offset)
 

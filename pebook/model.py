@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_int, check_int_tensor
+from ._checks import check_float_tensor, check_int, check_int_tensor
 from .attention import ABSOLUTE_ENCODINGS, MultiHeadAttention, check_encoding
 from .learned import LearnedPositionalEmbedding
-from .sinusoidal import sinusoidal_encoding
+from .sinusoidal import DEFAULT_SINUSOIDAL_BASE, sinusoidal_encoding
 
 __all__ = ["TransformerBlock", "TinyLM"]
 
@@ -71,8 +71,9 @@ class TinyLM(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, dim)
         if encoding == "learned":
             self.position_embedding = LearnedPositionalEmbedding(max_positions, dim)
-        elif encoding == "sinusoidal":
-            sinusoidal_encoding(1, dim)  # validates dim (must be even) at construction
+        self.sinusoidal_base = attention_options.pop("sinusoidal_base", DEFAULT_SINUSOIDAL_BASE)
+        if encoding == "sinusoidal":
+            sinusoidal_encoding(1, dim, self.sinusoidal_base)  # validates dim and base at construction
         layer_encoding = "none" if encoding in ABSOLUTE_ENCODINGS else encoding
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, n_heads, layer_encoding, **attention_options) for _ in range(n_layers)
@@ -90,17 +91,35 @@ class TinyLM(nn.Module):
                 f"[{int(tokens.min())}, {int(tokens.max())}]"
             )
 
+    def _check_past_kvs(self, past_kvs) -> int:
+        """Validate the per-layer cache structure; return the number of cached positions."""
+        if past_kvs is None:
+            return 0
+        if not isinstance(past_kvs, (list, tuple)) or len(past_kvs) != self.n_layers:
+            got = len(past_kvs) if isinstance(past_kvs, (list, tuple)) else type(past_kvs).__name__
+            raise ValueError(f"past_kvs must hold one (k, v) per layer ({self.n_layers}), got {got}")
+        lengths = []
+        for layer, kv in enumerate(past_kvs):
+            if not (isinstance(kv, tuple) and len(kv) == 2):
+                raise TypeError(f"past_kvs[{layer}] must be a (k, v) tuple from return_kv=True, got {type(kv).__name__}")
+            for part, tensor in zip("kv", kv):
+                check_float_tensor(f"past_kvs[{layer}].{part}", tensor, ndim=4)
+            lengths.append(kv[0].shape[2])
+        if len(set(lengths)) > 1:
+            raise ValueError(f"past_kvs: every layer's cache must hold the same number of positions, got lengths {lengths}")
+        return lengths[0]
+
     def forward(self, tokens: torch.Tensor, past_kvs: list | None = None, return_kv: bool = False):
         self._check_tokens(tokens)
-        if past_kvs is not None and len(past_kvs) != self.n_layers:
-            raise ValueError(f"past_kvs must hold one (k, v) per layer ({self.n_layers}), got {len(past_kvs)}")
-        past_len = 0 if past_kvs is None else past_kvs[0][0].shape[2]
+        past_len = self._check_past_kvs(past_kvs)
         t = tokens.shape[1]
         x = self.token_embedding(tokens)
         if self.encoding == "learned":
             x = x + self.position_embedding(t, past_len)
         elif self.encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(t, self.dim, offset=past_len, dtype=x.dtype, device=x.device)
+            x = x + sinusoidal_encoding(
+                t, self.dim, self.sinusoidal_base, offset=past_len, dtype=x.dtype, device=x.device
+            )
 
         new_kvs = []
         for layer, block in enumerate(self.blocks):

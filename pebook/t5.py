@@ -35,6 +35,11 @@ def t5_relative_bucket(
     ``m/2`` to ``max_distance`` are spread logarithmically over the other ``m/2`` buckets.
     """
     check_int_tensor("relative_position", relative_position)
+    if not relative_position.dtype.is_signed:
+        raise TypeError(
+            f"relative_position must be a signed integer tensor (offsets j - i can be negative), "
+            f"got dtype {relative_position.dtype}"
+        )
     num_buckets = check_int("num_buckets", num_buckets, minimum=2)
     max_distance = check_int("max_distance", max_distance, minimum=1)
     per_direction = num_buckets // 2 if bidirectional else num_buckets
