@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_attention_inputs, check_float_tensor, check_int
+from ._checks import check_attention_inputs, check_float_tensor, check_int, check_positive_float
 from .alibi import alibi_bias, alibi_slopes
 from .learned import LearnedPositionalEmbedding
 from .masking import causal_mask, query_positions
@@ -89,6 +89,7 @@ def positional_attention(
     causal: bool = True,
     offset: int | None = None,
     keys_encoded: bool = False,
+    mask_offset: int | None = None,
     **params,
 ) -> torch.Tensor:
     """Attention of ``q`` over ``k, v`` (all ``(batch, heads, seq, head_dim)``) with one encoding.
@@ -104,6 +105,9 @@ def positional_attention(
       buckets are bidirectional iff ``causal=False``.
     * ``"shaw"``: ``rel_k``, ``rel_v`` of shape ``(2*max_distance + 1, head_dim)``, ``max_distance``.
     * ``"none"``, ``"sinusoidal"``, ``"learned"``: nothing (absolute encodings enter at the input).
+
+    ``mask_offset`` (default: ``offset``) places the queries for the causal mask only; giving it a
+    different value than ``offset`` reproduces the bug of encoding new tokens at wrong positions.
     """
     encoding = check_encoding(encoding)
     _check_params(encoding, params)
@@ -111,9 +115,12 @@ def positional_attention(
     offset = lk - lq if offset is None else check_int("offset", offset, minimum=0)
     if offset < 0:
         raise ValueError(f"with offset=None the queries are the last keys, so q_len={lq} must be <= k_len={lk}")
+    mask_offset = offset if mask_offset is None else check_int("mask_offset", mask_offset, minimum=0)
 
     if encoding == "shaw":
-        return shaw_attention(q, k, v, params["rel_k"], params["rel_v"], params["max_distance"], causal, offset)
+        return shaw_attention(
+            q, k, v, params["rel_k"], params["rel_v"], params["max_distance"], causal, offset, mask_offset
+        )
     bias = None
     if encoding == "rope":
         inv_freq, layout = params["inv_freq"], params.get("layout", "half")
@@ -135,7 +142,7 @@ def positional_attention(
         max_distance = params.get("max_distance")
         buckets = t5_relative_bucket(relative, not causal, table.shape[0], 128 if max_distance is None else max_distance)
         bias = table.to(q.device)[buckets].permute(2, 0, 1)
-    return _sdpa(q, k, v, bias, causal, offset)
+    return _sdpa(q, k, v, bias, causal, mask_offset)
 
 
 class MultiHeadAttention(nn.Module):
@@ -200,8 +207,23 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"rope needs an even head_dim, got dim={dim} / n_heads={n_heads} = {self.head_dim}")
             self.rope_layout = rope_layout
             self.register_buffer("inv_freq", rope_frequencies(self.head_dim, rope_base), persistent=False)
+            self.rope_attention_factor = 1.0
         elif encoding == "alibi":
             self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+
+    def set_rope_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
+        """Replace the RoPE frequencies (e.g. by a context-extension rule) and the attention factor.
+
+        ``attention_factor`` multiplies the rotated queries and keys, so the logits are scaled by
+        its square (YaRN's temperature ``1/t = factor²``; 1.0 leaves attention unchanged).
+        """
+        if self.encoding != "rope":
+            raise ValueError(f"set_rope_frequencies needs encoding='rope', this layer has encoding={self.encoding!r}")
+        check_float_tensor("inv_freq", inv_freq, ndim=1)
+        if inv_freq.numel() != self.head_dim // 2:
+            raise ValueError(f"inv_freq must have head_dim/2 = {self.head_dim // 2} entries, got {inv_freq.numel()}")
+        self.rope_attention_factor = check_positive_float("attention_factor", attention_factor)
+        self.inv_freq = inv_freq.to(self.inv_freq.device, torch.float32)
 
     def _encoding_params(self) -> dict:
         if self.encoding == "shaw":
@@ -232,26 +254,49 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"past keys ({past_k.shape[2]}) and values ({past_v.shape[2]}) differ in length")
         return past_k.shape[2]
 
-    def forward(self, x: torch.Tensor, past_kv: tuple[torch.Tensor, torch.Tensor] | None = None, return_kv: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_kv: bool = False,
+        position_offset: int | None = None,
+    ):
+        """``x``: ``(batch, seq, dim)`` → ``(batch, seq, dim)`` (and the ``(k, v)`` cache if ``return_kv``).
+
+        ``position_offset`` is the position the encoding gives the first new token; ``None``, the
+        correct value, is the cache length. Any other value reproduces the classic decoding bug
+        (e.g. positions restarting at 0 after the prompt); the causal mask is unaffected.
+        """
         check_float_tensor("x", x, ndim=3)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, dim={self.dim}), got {tuple(x.shape)}")
         b, t, _ = x.shape
         past_len = self._check_past(x, past_kv)
+        start = past_len if position_offset is None else check_int("position_offset", position_offset, minimum=0)
 
         if self.encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(t, self.dim, self.sinusoidal_base, past_len, dtype=x.dtype, device=x.device)
+            x = x + sinusoidal_encoding(t, self.dim, self.sinusoidal_base, start, dtype=x.dtype, device=x.device)
         elif self.encoding == "learned":
-            x = x + self.position_embedding(t, past_len)
+            x = x + self.position_embedding(t, start)
 
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         params = self._encoding_params()
-        if self.encoding == "rope":  # rotate the new keys at their absolute positions, then cache them
-            k = apply_rope(k, query_positions(t, past_len, device=x.device), self.inv_freq, self.rope_layout)
+        if self.encoding == "rope":  # rotate the new queries and keys at their positions, then cache the keys
+            positions = query_positions(t, start, device=x.device)
+            q = apply_rope(q, positions, self.inv_freq, self.rope_layout) * self.rope_attention_factor
+            k = apply_rope(k, positions, self.inv_freq, self.rope_layout) * self.rope_attention_factor
+            params = {}
         if past_kv is not None:
             k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
         out = positional_attention(
-            q, k, v, self.encoding, causal=self.causal, offset=past_len, keys_encoded=True, **params
+            q,
+            k,
+            v,
+            "none" if self.encoding == "rope" else self.encoding,
+            causal=self.causal,
+            offset=start,
+            mask_offset=past_len,
+            **params,
         )
         out = self.out(out.transpose(1, 2).reshape(b, t, self.dim))
         return (out, (k, v)) if return_kv else out

@@ -29,8 +29,8 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x, past_kv=None, return_kv: bool = False):
-        attended = self.attn(self.attn_norm(x), past_kv=past_kv, return_kv=return_kv)
+    def forward(self, x, past_kv=None, return_kv: bool = False, position_offset: int | None = None):
+        attended = self.attn(self.attn_norm(x), past_kv=past_kv, return_kv=return_kv, position_offset=position_offset)
         if return_kv:
             attended, kv = attended
         x = x + attended
@@ -109,22 +109,39 @@ class TinyLM(nn.Module):
             raise ValueError(f"past_kvs: every layer's cache must hold the same number of positions, got lengths {lengths}")
         return lengths[0]
 
-    def forward(self, tokens: torch.Tensor, past_kvs: list | None = None, return_kv: bool = False):
+    def set_rope_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
+        """Give every layer new RoPE frequencies and attention factor (see :mod:`pebook.rope_scaling`)."""
+        if self.encoding != "rope":
+            raise ValueError(f"set_rope_frequencies needs encoding='rope', this model has encoding={self.encoding!r}")
+        for block in self.blocks:
+            block.attn.set_rope_frequencies(inv_freq, attention_factor)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        past_kvs: list | None = None,
+        return_kv: bool = False,
+        position_offset: int | None = None,
+    ):
+        """Logits ``(batch, seq, vocab_size)`` (and the per-layer caches if ``return_kv``).
+
+        ``position_offset``: the position the encodings give the first token; ``None`` (correct)
+        means the cache length. Other values exist to reproduce the classic decoding bug.
+        """
         self._check_tokens(tokens)
         past_len = self._check_past_kvs(past_kvs)
+        start = past_len if position_offset is None else check_int("position_offset", position_offset, minimum=0)
         t = tokens.shape[1]
         x = self.token_embedding(tokens)
         if self.encoding == "learned":
-            x = x + self.position_embedding(t, past_len)
+            x = x + self.position_embedding(t, start)
         elif self.encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(
-                t, self.dim, self.sinusoidal_base, offset=past_len, dtype=x.dtype, device=x.device
-            )
+            x = x + sinusoidal_encoding(t, self.dim, self.sinusoidal_base, offset=start, dtype=x.dtype, device=x.device)
 
         new_kvs = []
         for layer, block in enumerate(self.blocks):
             past = None if past_kvs is None else past_kvs[layer]
-            x = block(x, past_kv=past, return_kv=return_kv)
+            x = block(x, past_kv=past, return_kv=return_kv, position_offset=start)
             if return_kv:
                 x, kv = x
                 new_kvs.append(kv)

@@ -103,22 +103,26 @@ def shaw_attention(
     max_distance: int,
     causal: bool = True,
     offset: int | None = None,
+    mask_offset: int | None = None,
 ) -> torch.Tensor:
     """Attention with Shaw et al.'s key and value terms (§3.1-3.2), in ``O(L·(2k+1) + L²)`` memory.
 
     ``q``: ``(batch, heads, q_len, head_dim)``; ``k``, ``v``: ``(batch, heads, k_len, head_dim)``;
     ``rel_k``, ``rel_v``: ``(2*max_distance + 1, head_dim)``. Query ``i`` is at absolute
     position ``offset + i``; ``offset=None`` means ``k_len - q_len`` (the queries are the last
-    positions, as when decoding with a KV cache). Returns ``(batch, heads, q_len, head_dim)``.
+    positions, as when decoding with a KV cache). ``mask_offset`` (default: ``offset``) places
+    the queries for the causal mask only; it differs from ``offset`` only to reproduce a
+    position bug. Returns ``(batch, heads, q_len, head_dim)``.
     """
     b, h, lq, lk, d, max_distance, offset = _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, offset)
+    mask_offset = offset if mask_offset is None else check_int("mask_offset", mask_offset, minimum=0)
     index = relative_position_index(lq, lk, max_distance, offset, device=q.device).expand(b, h, lq, lk)
 
     logits = q @ k.transpose(-1, -2)  # content term q_i · k_j
     logits += (q @ rel_k.T).gather(-1, index)  # q_i · a^K_ij from an (L, 2k+1) product
     logits *= d**-0.5
     if causal:
-        logits.masked_fill_(~causal_mask(lq, lk, offset, device=q.device), float("-inf"))
+        logits.masked_fill_(~causal_mask(lq, lk, mask_offset, device=q.device), float("-inf"))
     weights = logits.softmax(dim=-1)
 
     weight_per_offset = weights.new_zeros(b, h, lq, 2 * max_distance + 1).scatter_add_(-1, index, weights)
