@@ -8,6 +8,7 @@ The public API, one module per concept:
 * :mod:`pebook.t5` — Raffel et al. 2020 (arXiv:1910.10683)
 * :mod:`pebook.rope` — Su et al. 2021 (arXiv:2104.09864)
 * :mod:`pebook.alibi` — Press, Smith & Lewis 2022 (arXiv:2108.12409)
+* :mod:`pebook.rope_scaling` — RoPE context extension: PI (arXiv:2306.15595), NTK, YaRN (arXiv:2309.00071)
 * :mod:`pebook.attention`, :mod:`pebook.model` — attention with any of them, and ``TinyLM``
 """
 
@@ -26,6 +27,7 @@ from .rope import (
     rope_frequencies,
     rope_layout_permutation,
 )
+from .rope_scaling import ROPE_SCALING_RULES, rope_scaling_frequencies, wavelength_table
 from .shaw import reachable_offsets, relative_position_index, shaw_attention, shaw_attention_naive
 from .sinusoidal import (
     fit_shift_map,
@@ -44,6 +46,7 @@ __all__ = [
     "ENCODINGS",
     "LearnedPositionalEmbedding",
     "MultiHeadAttention",
+    "ROPE_SCALING_RULES",
     "T5RelativeBias",
     "TinyLM",
     "TransformerBlock",
@@ -67,6 +70,7 @@ __all__ = [
     "rope_decay_bound",
     "rope_frequencies",
     "rope_layout_permutation",
+    "rope_scaling_frequencies",
     "seed_everything",
     "shaw_attention",
     "shaw_attention_naive",
@@ -75,4 +79,5 @@ __all__ = [
     "sinusoidal_frequencies",
     "sinusoidal_shift_matrix",
     "t5_relative_bucket",
+    "wavelength_table",
 ]

@@ -223,7 +223,7 @@ class MultiHeadAttention(nn.Module):
         if inv_freq.numel() != self.head_dim // 2:
             raise ValueError(f"inv_freq must have head_dim/2 = {self.head_dim // 2} entries, got {inv_freq.numel()}")
         self.rope_attention_factor = check_positive_float("attention_factor", attention_factor)
-        self.inv_freq = inv_freq.to(self.inv_freq.device, torch.float32)
+        self.inv_freq = inv_freq.to(self.inv_freq.device, self.inv_freq.dtype)
 
     def _encoding_params(self) -> dict:
         if self.encoding == "shaw":
