@@ -10,10 +10,12 @@ The public API, one module per concept:
 * :mod:`pebook.alibi` — Press, Smith & Lewis 2022 (arXiv:2108.12409)
 * :mod:`pebook.rope_scaling` — RoPE context extension: PI (arXiv:2306.15595), NTK, YaRN (arXiv:2309.00071)
 * :mod:`pebook.attention`, :mod:`pebook.model` — attention with any of them, and ``TinyLM``
+* :mod:`pebook.generation` — autoregressive decoding with a KV cache
 """
 
 from .alibi import alibi_bias, alibi_distance_weights, alibi_effective_window, alibi_slopes
 from .attention import ENCODINGS, MultiHeadAttention, positional_attention
+from . import generation
 from .learned import LearnedPositionalEmbedding, learned_parameter_count
 from .masking import causal_mask
 from .model import TinyLM, TransformerBlock

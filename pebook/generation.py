@@ -1,0 +1,389 @@
+"""Autoregressive generation with a KV cache, for every positional encoding.
+
+A decoder-only model factorises ``p(x_1 … x_T) = Π_t p(x_t | x_<t)`` and generates one token at
+a time, feeding each new token back as input (Vaswani et al. 2017, arXiv:1706.03762, §3: "the
+model is auto-regressive, consuming the previously generated symbols as additional input";
+Radford et al. 2019). With a causal mask the keys and values of a position never change once
+computed, so a step only needs to compute them for the new token and can read the earlier ones
+from a cache: incremental decoding as analysed by Shazeer 2019 ("Fast Transformer Decoding: One
+Write-Head is All You Need", arXiv:1911.02150). Its size is
+``2 · layers · kv_heads · head_dim · tokens · batch · bytes`` (keys and values), which
+grouped-query attention shrinks by sharing key/value heads (Ainslie et al. 2023, "GQA",
+arXiv:2305.13245); Llama 2 uses it for its 34B and 70B models (Touvron et al. 2023,
+arXiv:2307.09288).
+
+Position during decoding: the token fed at step ``t`` sits at position ``past_len`` (the cache
+length). :class:`pebook.TinyLM` does this for every encoding — RoPE rotates the new query and key
+at ``past_len`` and caches the rotated key; ALiBi, T5 and Shaw use the bias / relative row of
+query position ``past_len``; sinusoidal and learned add ``PE(past_len)`` to the new embedding.
+:func:`incremental_logits` can reproduce the classic bug of encoding every decoded token at
+position 0.
+
+Sampling: temperature ``τ`` divides the logits before the softmax; top-k keeps the ``k`` largest
+logits (Fan, Lewis & Dauphin 2018, "Hierarchical Neural Story Generation", arXiv:1805.04833).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+from ._checks import check_float_dtype, check_float_tensor, check_int, check_int_tensor, check_positive_float
+from .model import TinyLM
+
+__all__ = [
+    "check_kv_cache",
+    "decode_step",
+    "generate",
+    "incremental_logits",
+    "kv_cache_bytes",
+    "cache_bytes",
+    "DecodeTiming",
+    "time_per_token",
+]
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_model(model) -> TinyLM:
+    if not isinstance(model, TinyLM):
+        raise TypeError(f"model must be a pebook.TinyLM, got {type(model).__name__}")
+    return model
+
+
+def _placement(model: TinyLM) -> tuple[torch.device, torch.dtype]:
+    weight = model.token_embedding.weight
+    return weight.device, weight.dtype
+
+
+def _check_tokens(model: TinyLM, name: str, tokens) -> torch.Tensor:
+    """An int tensor ``(batch, seq)`` with ``seq >= 1``, ids in the vocabulary, on the model's device."""
+    check_int_tensor(name, tokens, ndim=2)
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(
+            f"{name} must have shape (batch >= 1, seq >= 1): generation starts from at least one token, "
+            f"got shape {tuple(tokens.shape)}"
+        )
+    if tokens.min() < 0 or tokens.max() >= model.vocab_size:
+        raise ValueError(
+            f"{name} must hold token ids in [0, vocab_size={model.vocab_size}), got values in "
+            f"[{int(tokens.min())}, {int(tokens.max())}]"
+        )
+    device, _ = _placement(model)
+    if tokens.device != device:
+        raise ValueError(f"{name} is on {tokens.device} but the model is on {device}; move one of them")
+    return tokens
+
+
+def _head_shape(model: TinyLM) -> tuple[int, int]:
+    attn = model.blocks[0].attn
+    return attn.n_heads, attn.head_dim
+
+
+def _check_learned_room(model: TinyLM, needed: int, what: str) -> None:
+    """A learned table has rows 0 … max_positions - 1 only: refuse work that would need more."""
+    if model.encoding == "learned" and needed > model.max_positions:
+        raise ValueError(
+            f"{what} needs positions 0..{needed - 1}, but this model's learned table has "
+            f"max_positions={model.max_positions} rows (positions 0..{model.max_positions - 1}); "
+            "a learned absolute embedding has no vector beyond its table"
+        )
+
+
+def check_kv_cache(model: TinyLM, past_kvs, *, batch: int | None = None) -> int:
+    """Check that ``past_kvs`` is a KV cache this model can continue from; return its length.
+
+    A cache is the per-layer list of ``(k, v)`` pairs returned by ``model(..., return_kv=True)``,
+    each of shape ``(batch, n_heads, cached_positions, head_dim)``. Checked: the number of layers,
+    heads and head size (a cache made by a model of another shape raises ``ValueError`` saying
+    so), the batch size (when ``batch`` is given), equal lengths across layers and between keys
+    and values, the model's device and dtype, and, for a learned table, that the cache is not
+    longer than the table.
+    """
+    model = _check_model(model)
+    if not isinstance(past_kvs, (list, tuple)):
+        raise TypeError(
+            "past_kvs must be the list of per-layer (k, v) pairs returned by model(..., return_kv=True), "
+            f"got {type(past_kvs).__name__}"
+        )
+    if len(past_kvs) != model.n_layers:
+        raise ValueError(
+            f"past_kvs holds {len(past_kvs)} layers but this model has n_layers={model.n_layers}: "
+            "the cache was made by another model"
+        )
+    n_heads, head_dim = _head_shape(model)
+    device, dtype = _placement(model)
+    lengths = set()
+    for layer, kv in enumerate(past_kvs):
+        if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
+            raise TypeError(f"past_kvs[{layer}] must be a (k, v) pair, got {type(kv).__name__}")
+        for part, tensor in zip(("k", "v"), kv):
+            name = f"past_kvs[{layer}].{part}"
+            check_float_tensor(name, tensor, ndim=4)
+            b, h, n, d = tensor.shape
+            if (h, d) != (n_heads, head_dim):
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)} but this model caches (batch, n_heads={n_heads}, "
+                    f"positions, head_dim={head_dim}): the cache was made by a model of another shape"
+                )
+            if batch is not None and b != batch:
+                raise ValueError(f"{name} holds batch size {b} but the new tokens have batch size {batch}")
+            if tensor.device != device:
+                raise ValueError(f"{name} is on {tensor.device} but the model is on {device}")
+            if tensor.dtype != dtype:
+                raise TypeError(f"{name} has dtype {tensor.dtype} but the model computes in {dtype}")
+        if kv[0].shape != kv[1].shape:
+            raise ValueError(
+                f"past_kvs[{layer}]: keys {tuple(kv[0].shape)} and values {tuple(kv[1].shape)} must have one shape"
+            )
+        lengths.add(kv[0].shape[2])
+        if batch is None:
+            batch = kv[0].shape[0]
+    if len(lengths) != 1:
+        raise ValueError(f"past_kvs: every layer must cache the same number of positions, got {sorted(lengths)}")
+    length = lengths.pop()
+    _check_learned_room(model, length, "a cache of this length")
+    return length
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_step(model: TinyLM, tokens: torch.Tensor, past_kvs=None, *, position_offset: int | None = None):
+    """Feed ``tokens`` ``(batch, n)`` after the cache: returns ``(logits (batch, n, vocab), new cache)``.
+
+    Without ``past_kvs`` this is the prefill of a prompt. The new tokens sit at positions
+    ``past_len … past_len + n - 1``; ``position_offset`` overrides where the *encoding* places them
+    (the causal mask still uses ``past_len``) and exists only to reproduce decoding bugs. Runs under
+    ``torch.no_grad()``.
+    """
+    model = _check_model(model)
+    tokens = _check_tokens(model, "tokens", tokens)
+    past_len = 0 if past_kvs is None else check_kv_cache(model, past_kvs, batch=tokens.shape[0])
+    start = past_len if position_offset is None else check_int("position_offset", position_offset, minimum=0)
+    _check_learned_room(model, start + tokens.shape[1], f"feeding {tokens.shape[1]} token(s) after {past_len} cached")
+    with torch.no_grad():
+        return model(tokens, past_kvs=past_kvs, return_kv=True, position_offset=position_offset)
+
+
+def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, position_offset_bug: bool = False):
+    """Logits ``(batch, seq, vocab)`` of ``tokens`` computed the way generation computes them.
+
+    The first ``prompt_len`` tokens are fed in one call (the prefill), then the others one at a time
+    with the KV cache. With correct positions the result equals ``model(tokens)`` up to rounding,
+    for every encoding.
+
+    ``position_offset_bug=True`` reproduces the classic bug of computing a step's positions from
+    its own input alone (``arange(new_len)``, ignoring the cache): the prompt is encoded at
+    ``0 … prompt_len - 1`` and every decoded token again at position 0 — positions restart at 0
+    after the prompt. (The causal mask stays correct.)
+    """
+    model = _check_model(model)
+    tokens = _check_tokens(model, "tokens", tokens)
+    seq = tokens.shape[1]
+    prompt_len = check_int("prompt_len", prompt_len, minimum=1)
+    if prompt_len > seq:
+        raise ValueError(f"prompt_len must be between 1 and the sequence length {seq}, got {prompt_len}")
+    if not isinstance(position_offset_bug, bool):
+        raise TypeError(f"position_offset_bug must be a bool, got {position_offset_bug!r}")
+    logits, cache = decode_step(model, tokens[:, :prompt_len])
+    steps = [logits]
+    offset = 0 if position_offset_bug else None  # None: the cache length, i.e. the true position
+    for t in range(prompt_len, seq):
+        logits, cache = decode_step(model, tokens[:, t : t + 1], cache, position_offset=offset)
+        steps.append(logits)
+    return torch.cat(steps, dim=1)
+
+
+def _next_token(logits: torch.Tensor, temperature: float | None, top_k: int | None, generator) -> torch.Tensor:
+    """Pick one token per row of ``logits`` ``(batch, vocab)``: greedy, or sampled from softmax(logits/τ)."""
+    if temperature is None:
+        return logits.argmax(dim=-1, keepdim=True)
+    scores = logits.double() / temperature
+    if top_k is not None:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))  # ties with the k-th logit are kept
+    probs = torch.softmax(scores, dim=-1)
+    if generator is None:
+        return torch.multinomial(probs, 1)
+    return torch.multinomial(probs.to(generator.device), 1, generator=generator).to(logits.device)
+
+
+def generate(
+    model: TinyLM,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue ``prompt`` ``(batch, prompt_len)`` by ``max_new_tokens`` tokens; returns ``(batch, prompt_len + new)``.
+
+    * ``temperature=None``: greedy decoding (argmax). A number ``τ > 0``: sample from
+      ``softmax(logits / τ)``; ``top_k`` then keeps only the ``k`` largest logits (``top_k=1`` is
+      greedy). ``temperature=0`` is rejected: ask for greedy decoding with ``None``.
+    * ``use_cache=True``: prefill the prompt once, then feed one token per step with the KV cache.
+      ``use_cache=False``: recompute the whole sequence at every step (same tokens, more work).
+    * ``generator``: a ``torch.Generator`` that makes sampling reproducible (sampling happens on
+      the generator's device).
+
+    A learned table of ``N`` rows can encode positions ``0 … N - 1``. The last new token is
+    predicted but never fed back, so ``prompt_len + max_new_tokens - 1 <= N`` is required and
+    anything more raises ``ValueError`` before any work is done; the other encodings have no such
+    limit. Runs under ``torch.no_grad()``; the model's train/eval mode is left as it is.
+    """
+    model = _check_model(model)
+    prompt = _check_tokens(model, "prompt", prompt)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=0)
+    if temperature is not None:
+        if isinstance(temperature, Real) and not isinstance(temperature, bool) and temperature == 0:
+            raise ValueError("temperature must be > 0 to sample, got 0; use temperature=None for greedy decoding")
+        temperature = check_positive_float("temperature", temperature)
+    if top_k is not None:
+        top_k = check_int("top_k", top_k, minimum=1)
+        if top_k > model.vocab_size:
+            raise ValueError(f"top_k must be between 1 and vocab_size={model.vocab_size}, got {top_k}")
+        if temperature is None:
+            raise ValueError("top_k only applies when sampling: give a temperature > 0 (temperature=None is greedy)")
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    prompt_len = prompt.shape[1]
+    _check_learned_room(
+        model,
+        prompt_len + max(max_new_tokens - 1, 0),
+        f"a prompt of {prompt_len} tokens continued by max_new_tokens={max_new_tokens}",
+    )
+
+    tokens = prompt
+    if max_new_tokens == 0:
+        return tokens.clone()
+    with torch.no_grad():
+        if use_cache:
+            logits, cache = model(prompt, return_kv=True)
+        else:
+            logits = model(prompt)
+        for step in range(max_new_tokens):
+            new = _next_token(logits[:, -1], temperature, top_k, generator)
+            tokens = torch.cat((tokens, new), dim=1)
+            if step == max_new_tokens - 1:
+                break  # the last token is returned, never fed back
+            if use_cache:
+                logits, cache = model(new, past_kvs=cache, return_kv=True)
+            else:
+                logits = model(tokens)
+    return tokens
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def kv_cache_bytes(
+    n_layers: int, n_kv_heads: int, head_dim: int, n_tokens: int, *, batch: int = 1, dtype: torch.dtype = torch.float16
+) -> int:
+    """Bytes of a KV cache: ``2 · n_layers · n_kv_heads · head_dim · n_tokens · batch · bytes_per_element``.
+
+    The 2 counts keys and values. ``n_kv_heads`` is the number of *key/value* heads: the number of
+    attention heads for multi-head attention, fewer under grouped-query attention (Ainslie et al.
+    2023, arXiv:2305.13245), one under multi-query attention (Shazeer 2019, arXiv:1911.02150).
+    Llama-2-7B (32 layers, 32 heads of 128, Touvron et al. 2023) in float16 holds 512 KiB per token,
+    2 GiB at its 4096-token context.
+    """
+    n_layers = check_int("n_layers", n_layers, minimum=1)
+    n_kv_heads = check_int("n_kv_heads", n_kv_heads, minimum=1)
+    head_dim = check_int("head_dim", head_dim, minimum=1)
+    n_tokens = check_int("n_tokens", n_tokens, minimum=0)
+    batch = check_int("batch", batch, minimum=1)
+    dtype = check_float_dtype("dtype", dtype)
+    return 2 * n_layers * n_kv_heads * head_dim * n_tokens * batch * dtype.itemsize
+
+
+def cache_bytes(past_kvs) -> int:
+    """Bytes held by the tensors of a KV cache (the per-layer ``(k, v)`` list a model returned)."""
+    if not isinstance(past_kvs, (list, tuple)):
+        raise TypeError(f"past_kvs must be a list of per-layer (k, v) pairs, got {type(past_kvs).__name__}")
+    total = 0
+    for layer, kv in enumerate(past_kvs):
+        if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
+            raise TypeError(f"past_kvs[{layer}] must be a (k, v) pair, got {type(kv).__name__}")
+        for part, tensor in zip(("k", "v"), kv):
+            check_float_tensor(f"past_kvs[{layer}].{part}", tensor)
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- time
+
+
+@dataclass(frozen=True)
+class DecodeTiming:
+    """Seconds to produce one token at each context length, with and without the KV cache."""
+
+    lengths: tuple[int, ...]
+    cached: tuple[float, ...]
+    uncached: tuple[float, ...]
+    device: str
+
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        """``uncached / cached`` at each length: how many times slower a step is without the cache."""
+        return tuple(u / c for u, c in zip(self.uncached, self.cached))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_token(model: TinyLM, lengths, *, repeats: int = 5, batch: int = 1, seed: int = 0) -> DecodeTiming:
+    """Time one decoding step at each context length ``L``, with and without the cache, side by side.
+
+    The step produces the logits of the token after a sequence of ``L`` tokens. With the cache it
+    feeds the newest token against a cache of ``L - 1`` positions (built beforehand, not timed;
+    the step includes appending to the cache): per layer ``O(d²)`` projections plus ``O(L·d)``
+    attention. Without it, it runs the whole sequence again: ``O(L·d²) + O(L²·d)`` per layer.
+    Each repeat times every length in both ways, alternating, so that both see the same machine
+    load; the result is the best of ``repeats`` (after one untimed warm-up).
+    """
+    model = _check_model(model)
+    lengths = tuple(check_int("lengths[i]", n, minimum=2) for n in lengths)
+    if not lengths:
+        raise ValueError("lengths must hold at least one context length")
+    repeats = check_int("repeats", repeats, minimum=1)
+    batch = check_int("batch", batch, minimum=1)
+    _check_learned_room(model, max(lengths), f"timing at length {max(lengths)}")
+    device, _ = _placement(model)
+    gen = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
+    tokens = torch.randint(0, model.vocab_size, (batch, max(lengths)), generator=gen).to(device)
+
+    with torch.no_grad():
+        prefix = {n: model(tokens[:, : n - 1], return_kv=True)[1] for n in lengths}
+        calls = {
+            (n, True): (lambda n=n: model(tokens[:, n - 1 : n], past_kvs=prefix[n], return_kv=True)) for n in lengths
+        }
+        calls.update({(n, False): (lambda n=n: model(tokens[:, :n])) for n in lengths})
+        best = dict.fromkeys(calls, float("inf"))
+        for call in calls.values():  # warm-up
+            call()
+        _sync(device)
+        for r in range(repeats):
+            for n in lengths:
+                order = (True, False) if r % 2 == 0 else (False, True)
+                for cached in order:
+                    start = time.perf_counter()
+                    calls[(n, cached)]()
+                    _sync(device)
+                    best[(n, cached)] = min(best[(n, cached)], time.perf_counter() - start)
+    return DecodeTiming(
+        lengths=lengths,
+        cached=tuple(best[(n, True)] for n in lengths),
+        uncached=tuple(best[(n, False)] for n in lengths),
+        device=str(device),
+    )
