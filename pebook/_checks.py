@@ -21,6 +21,7 @@ __all__ = [
     "check_same_placement",
     "check_attention_inputs",
     "check_float_dtype",
+    "check_positions",
 ]
 
 
@@ -104,7 +105,7 @@ def check_same_placement(**tensors: torch.Tensor) -> None:
 
 
 def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """Validate ``(batch, heads, seq, head_dim)`` query/key/value tensors.
+    """Validate ``(batch, heads, seq, head_dim)`` query/key/value tensors (keys may have fewer heads: GQA).
 
     Returns ``(batch, heads, q_len, k_len, head_dim)``.
     """
@@ -115,13 +116,33 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has dtype {q.dtype}; they must match")
     b, h, lq, d = q.shape
-    if k.shape[:2] != (b, h) or k.shape[-1] != d:
+    if k.shape[0] != b or k.shape[-1] != d or k.shape[1] < 1 or h % k.shape[1]:
         raise ValueError(
-            f"k must have shape (batch={b}, heads={h}, k_len, head_dim={d}) to match q {tuple(q.shape)}, "
-            f"got {tuple(k.shape)}"
+            f"k must have shape (batch={b}, kv_heads, k_len, head_dim={d}) with kv_heads dividing the "
+            f"{h} query heads of q {tuple(q.shape)}, got {tuple(k.shape)}"
         )
     if v.shape[:3] != k.shape[:3]:
         raise ValueError(
             f"v must have shape (batch, heads, k_len) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}"
         )
     return b, h, lq, k.shape[2], d
+
+
+def check_positions(name: str, ids, batch: int, length: int, device) -> torch.Tensor:
+    """Validate position ids of shape ``(length,)`` or ``(batch, length)``; return them ``(batch, length)`` int64.
+
+    Negative ids are rejected when the tensor is on the CPU (on a GPU that check would force a
+    host synchronisation, so it is skipped there).
+    """
+    check_int_tensor(name, ids, ndim=(1, 2))
+    if ids.device != torch.device(device):
+        raise ValueError(f"{name} is on {ids.device} but the inputs are on {device}")
+    if ids.dim() == 1:
+        if ids.shape[0] != length:
+            raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {tuple(ids.shape)}")
+        ids = ids.expand(batch, length)
+    elif tuple(ids.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape ({length},) or ({batch}, {length}), got {tuple(ids.shape)}")
+    if ids.device.type == "cpu" and ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"{name} must be >= 0, got a minimum of {int(ids.min())}")
+    return ids.long()

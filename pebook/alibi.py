@@ -11,6 +11,10 @@ with the head slopes a geometric sequence: for ``n`` heads (a power of two) it s
 ``2^(-8/n)`` with that same ratio, e.g. ``1/2, 1/4, …, 1/256`` for 8 heads. For other head
 counts the reference code takes the ``2^⌊log2 n⌋`` slopes of the closest power of two, then
 every other slope of the next power of two.
+
+Without a causal mask (an encoder) the signed bias would *reward* keys after the query; the
+bidirectional form in use is the symmetric ``-m_h · |i - j|`` (MosaicBERT, Portes et al. 2023,
+arXiv:2312.17482), which :class:`ALiBi` applies when ``causal=False``.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import math
 import torch
 
 from ._checks import check_float_dtype, check_float_tensor, check_int, check_positive_float
+from .encoding import LogitBias
 
-__all__ = ["alibi_slopes", "alibi_bias", "alibi_distance_weights", "alibi_effective_window"]
+__all__ = ["alibi_slopes", "alibi_bias", "alibi_distance_weights", "alibi_effective_window", "ALiBi"]
 
 
 def _power_of_two_slopes(n: int) -> list[float]:
@@ -40,19 +45,32 @@ def alibi_slopes(n_heads: int, *, dtype: torch.dtype = torch.float32, device=Non
     return torch.tensor(slopes, dtype=dtype, device=device)
 
 
-def alibi_bias(q_len: int, k_len: int, slopes: torch.Tensor, offset: int = 0) -> torch.Tensor:
+def alibi_bias(
+    q_len: int, k_len: int, slopes: torch.Tensor, offset: int = 0, *, symmetric: bool = False
+) -> torch.Tensor:
     """Additive bias ``-m_h · (i - j)``, shape ``(heads, q_len, k_len)``, dtype and device of ``slopes``.
 
     Query ``i`` is at absolute position ``offset + i``, key ``j`` at position ``j``. Under a
     causal mask only ``j <= i`` is used, where the bias is ``-m_h`` times the distance.
+    ``symmetric=True`` gives the bidirectional ``-m_h · |i - j|``.
     """
     q_len = check_int("q_len", q_len, minimum=0)
     k_len = check_int("k_len", k_len, minimum=0)
     offset = check_int("offset", offset, minimum=0)
     check_float_tensor("slopes", slopes, ndim=1)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be a bool, got {symmetric!r}")
     device = slopes.device
-    distance = torch.arange(offset, offset + q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
-    return -slopes[:, None, None] * distance.to(slopes.dtype)
+    q_pos = torch.arange(offset, offset + q_len, device=device)
+    k_pos = torch.arange(k_len, device=device)
+    return _alibi_score(slopes, torch.arange(slopes.numel(), device=device)[:, None, None], q_pos[:, None], k_pos, symmetric)
+
+
+def _alibi_score(slopes, head, q_pos, k_pos, symmetric: bool) -> torch.Tensor:
+    distance = q_pos - k_pos
+    if symmetric:
+        distance = distance.abs()
+    return -slopes[head] * distance.to(slopes.dtype)
 
 
 def alibi_distance_weights(slopes: torch.Tensor, n_keys: int) -> torch.Tensor:
@@ -88,3 +106,35 @@ def alibi_effective_window(slopes: torch.Tensor, fraction: float = 0.01) -> torc
     if fraction >= 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
     return math.log(1.0 / fraction) / slopes
+
+
+class ALiBi(LogitBias):
+    """Registry entry ``"alibi"``: the fixed bias ``-m_h (i - j)``, or ``-m_h |i - j|`` when not causal.
+
+    Nothing is learned; the slopes are a buffer kept in float32 under ``.half()``. ``slopes`` may
+    be given to override :func:`alibi_slopes`.
+    """
+
+    name = "alibi"
+    shared_across_layers = True  # fixed: one bias serves every layer
+    full_precision_buffers = ("slopes",)
+
+    def __init__(self, *, n_heads: int, causal: bool = True, slopes: torch.Tensor | None = None):
+        super().__init__()
+        self.n_heads = check_int("n_heads", n_heads, minimum=1)
+        self.causal = bool(causal)
+        if slopes is None:
+            slopes = alibi_slopes(self.n_heads)
+        check_float_tensor("slopes", slopes, ndim=1)
+        if slopes.numel() != self.n_heads:
+            raise ValueError(f"slopes must have one entry per head ({self.n_heads}), got {slopes.numel()}")
+        self.register_buffer("slopes", slopes.detach().clone(), persistent=False)
+
+    def declared_parameters(self):
+        return {"slopes": ((self.n_heads,), False)}
+
+    def score(self, head, q_pos, k_pos):
+        return _alibi_score(self.slopes, head, q_pos, k_pos, symmetric=not self.causal)
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, causal={self.causal}"

@@ -1,302 +1,220 @@
-"""Multi-head attention with any of the book's positional encodings.
+"""Multi-head attention with any registered positional encoding.
 
-Where each encoding enters the computation:
+Where each encoding enters is declared by the encoding itself (:mod:`pebook.encoding`): the
+input (sinusoidal, learned), a rotation of q and k (RoPE), a logit bias (ALiBi, T5) or a key and
+value term (Shaw). This module knows none of them by name; it reads :data:`pebook.ENCODINGS`.
 
-* ``"sinusoidal"``, ``"learned"`` — added to the *input* of attention (Vaswani et al. 2017;
-  Gehring et al. 2017). In :class:`MultiHeadAttention` they are added to ``x`` before the
-  projections, as in a one-layer model; :class:`pebook.TinyLM` adds them once, to the token
-  embeddings, and builds its layers with ``"none"``.
-* ``"t5"``, ``"alibi"`` — an additive bias on the *logits* (Raffel et al. 2020; Press et al. 2022).
-* ``"rope"`` — a *rotation* of queries and keys (Su et al. 2021).
-* ``"shaw"`` — a key term on the logits and a value term on the output (Shaw et al. 2018).
-* ``"none"`` — no position at all (NoPE).
-
-Every path except Shaw's runs on ``torch.nn.functional.scaled_dot_product_attention``.
-Tensors inside attention are ``(batch, heads, seq, head_dim)``; query ``i`` sits at absolute
-position ``offset + i`` and key ``j`` at position ``j``.
+Layouts of real models: ``n_kv_heads`` (grouped-query attention, Ainslie et al. 2023,
+arXiv:2305.13245; multi-query attention with 1, Shazeer 2019, arXiv:1911.02150), partial rotary
+(``rotary_dim``, GPT-NeoX / GPT-J), and ``scale`` (T5 uses 1, not ``1/√d``). Tensors inside
+attention are ``(batch, heads, seq, head_dim)``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_attention_inputs, check_float_tensor, check_int, check_positive_float
-from .alibi import alibi_bias, alibi_slopes
-from .learned import LearnedPositionalEmbedding
-from .masking import causal_mask, query_positions
-from .rope import DEFAULT_ROPE_BASE, ROPE_LAYOUTS, apply_rope, rope_frequencies
-from .shaw import shaw_attention
-from .sinusoidal import DEFAULT_SINUSOIDAL_BASE, sinusoidal_encoding
-from .t5 import T5RelativeBias, t5_relative_bucket
+from ._checks import check_attention_inputs, check_float_tensor, check_int, check_positions
+from .cache import KVCache
+from .encoding import PositionalEncoding
+from .masking import default_positions, storage_causal_mask
+from .registry import ENCODINGS, build_encoding, check_encoding
 
-__all__ = ["ENCODINGS", "ABSOLUTE_ENCODINGS", "check_encoding", "positional_attention", "MultiHeadAttention"]
-
-ENCODINGS = ("none", "sinusoidal", "learned", "shaw", "t5", "rope", "alibi")
-ABSOLUTE_ENCODINGS = ("sinusoidal", "learned")
-
-# keyword parameters each encoding takes in positional_attention: name -> required?
-_ENCODING_PARAMS = {
-    "none": {},
-    "sinusoidal": {},
-    "learned": {},
-    "rope": {"inv_freq": True, "layout": False},
-    "alibi": {"slopes": True},
-    "t5": {"bias_table": True, "max_distance": False},
-    "shaw": {"rel_k": True, "rel_v": True, "max_distance": True},
-}
+__all__ = ["ENCODINGS", "positional_attention", "MultiHeadAttention"]
 
 
-def check_encoding(encoding) -> str:
-    """Return ``encoding`` if it is one of :data:`ENCODINGS`, else raise ``ValueError``."""
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
-    return encoding
+def _check_scale(scale):
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise ValueError(f"scale must be a number > 0 or None (for 1/sqrt(head_dim)), got {scale!r}")
+    return float(scale)
 
 
-def _check_params(encoding: str, params: dict) -> None:
-    allowed = _ENCODING_PARAMS[encoding]
-    unexpected = sorted(set(params) - set(allowed))
-    if unexpected:
-        raise TypeError(
-            f"encoding={encoding!r} takes no parameter {unexpected[0]!r}; it takes {sorted(allowed) or 'none'}"
-        )
-    missing = [name for name, required in allowed.items() if required and params.get(name) is None]
-    if missing:
-        raise TypeError(f"encoding={encoding!r} needs the keyword argument {missing[0]!r}")
-
-
-def _sdpa(q, k, v, bias, causal: bool, offset: int) -> torch.Tensor:
-    """Scaled dot-product attention with an optional ``(heads, q_len, k_len)`` bias and an offset causal mask."""
-    lq, lk = q.shape[-2], k.shape[-2]
-    if bias is None and (not causal or (offset == 0 and lq == lk)):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    if causal:
-        allowed = causal_mask(lq, lk, offset, device=q.device)
-        mask = allowed if bias is None else bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
-    else:
-        mask = bias.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def _check_encoding_fits(position: PositionalEncoding, heads: int, head_dim: int) -> None:
+    n_heads = getattr(position, "n_heads", heads)
+    if n_heads != heads:
+        raise ValueError(f"the {position.name} encoding has n_heads={n_heads} but q has {heads} heads")
+    enc_head_dim = getattr(position, "head_dim", head_dim)
+    if enc_head_dim != head_dim:
+        raise ValueError(f"the {position.name} encoding has head_dim={enc_head_dim} but q has head_dim={head_dim}")
 
 
 def positional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    encoding: str = "none",
+    encoding: PositionalEncoding | None = None,
     *,
     causal: bool = True,
-    offset: int | None = None,
-    keys_encoded: bool = False,
-    mask_offset: int | None = None,
-    **params,
+    position_ids: torch.Tensor | None = None,
+    key_position_ids: torch.Tensor | None = None,
+    scale: float | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q`` over ``k, v`` (all ``(batch, heads, seq, head_dim)``) with one encoding.
+    """Attention of ``q`` over ``k, v`` with one positional encoding module (``None``: no position).
 
-    ``offset`` is the absolute position of the first query (``None``: ``k_len - q_len``, the
-    queries are the last positions). Parameters per encoding:
-
-    * ``"rope"``: ``inv_freq`` (:func:`pebook.rope_frequencies`), ``layout`` (``"half"``).
-      ``q`` is rotated at positions ``offset + i`` and ``k`` at ``j`` unless
-      ``keys_encoded=True`` (keys already rotated, as in a RoPE KV cache).
-    * ``"alibi"``: ``slopes`` (:func:`pebook.alibi_slopes`).
-    * ``"t5"``: ``bias_table`` of shape ``(num_buckets, heads)``, ``max_distance`` (128); the
-      buckets are bidirectional iff ``causal=False``.
-    * ``"shaw"``: ``rel_k``, ``rel_v`` of shape ``(2*max_distance + 1, head_dim)``, ``max_distance``.
-    * ``"none"``, ``"sinusoidal"``, ``"learned"``: nothing (absolute encodings enter at the input).
-
-    ``mask_offset`` (default: ``offset``) places the queries for the causal mask only; giving it a
-    different value than ``offset`` reproduces the bug of encoding new tokens at wrong positions.
+    ``q``: ``(batch, heads, q_len, head_dim)``; ``k``, ``v``: ``(batch, kv_heads, k_len,
+    head_dim)`` with ``kv_heads`` dividing ``heads`` (grouped-query attention, as SDPA's
+    ``enable_gqa``). ``encoding`` is an instance such as ``pebook.ALiBi(n_heads=8)`` or
+    ``pebook.RoPE(head_dim=64)``; input encodings (sinusoidal, learned) act on the embeddings,
+    not here, and are rejected. ``position_ids`` / ``key_position_ids`` (``(len,)`` or
+    ``(batch, len)``) place queries and keys; by default the keys are at ``0 … k_len - 1`` and the
+    queries are the last ``q_len`` of them. RoPE rotates ``q`` and ``k`` at those positions. The
+    causal mask follows storage order (queries are the last ``q_len`` keys). ``scale`` defaults
+    to ``1/√head_dim``.
     """
-    encoding = check_encoding(encoding)
-    _check_params(encoding, params)
-    _, h, lq, lk, _ = check_attention_inputs(q, k, v)
-    offset = lk - lq if offset is None else check_int("offset", offset, minimum=0)
-    if offset < 0:
-        raise ValueError(f"with offset=None the queries are the last keys, so q_len={lq} must be <= k_len={lk}")
-    mask_offset = offset if mask_offset is None else check_int("mask_offset", mask_offset, minimum=0)
-
-    if encoding == "shaw":
-        return shaw_attention(
-            q, k, v, params["rel_k"], params["rel_v"], params["max_distance"], causal, offset, mask_offset
+    b, h, lq, lk, d = check_attention_inputs(q, k, v)
+    if encoding is None:
+        encoding = ENCODINGS["none"]()
+    if not isinstance(encoding, PositionalEncoding):
+        raise TypeError(
+            f"encoding must be a pebook positional encoding module (e.g. pebook.ALiBi(n_heads={h})) or None, "
+            f"got {type(encoding).__name__}"
         )
-    bias = None
-    if encoding == "rope":
-        inv_freq, layout = params["inv_freq"], params.get("layout", "half")
-        q = apply_rope(q, query_positions(lq, offset, device=q.device), inv_freq, layout)
-        if not keys_encoded:
-            k = apply_rope(k, torch.arange(lk, device=k.device), inv_freq, layout)
-    elif encoding == "alibi":
-        slopes = params["slopes"]
-        check_float_tensor("slopes", slopes, ndim=1)
-        if slopes.numel() != h:
-            raise ValueError(f"slopes must have one entry per head ({h}), got {slopes.numel()}")
-        bias = alibi_bias(lq, lk, slopes.to(q.device), offset)
-    elif encoding == "t5":
-        table = params["bias_table"]
-        check_float_tensor("bias_table", table, ndim=2)
-        if table.shape[1] != h:
-            raise ValueError(f"bias_table must have shape (num_buckets, heads={h}), got {tuple(table.shape)}")
-        relative = torch.arange(lk, device=q.device)[None, :] - query_positions(lq, offset, device=q.device)[:, None]
-        max_distance = params.get("max_distance")
-        buckets = t5_relative_bucket(relative, not causal, table.shape[0], 128 if max_distance is None else max_distance)
-        bias = table.to(q.device)[buckets].permute(2, 0, 1)
-    return _sdpa(q, k, v, bias, causal, mask_offset)
+    if encoding.place == "input":
+        raise ValueError(
+            f"the {encoding.name} encoding is added to the token embeddings, not inside attention; "
+            "use MultiHeadAttention or add encoding.embed(...) to the input"
+        )
+    _check_encoding_fits(encoding, h, d)
+    scale = _check_scale(scale)
+    q_pos, k_pos = default_positions(b, lq, lk, q.device, position_ids, key_position_ids)
+    q, k = encoding.rotate(q, q_pos), encoding.rotate(k, k_pos)
+    mask = storage_causal_mask(lq, lk, q.device) if causal else None
+    return encoding.attend(q, k, v, q_pos, k_pos, mask=mask, scale=scale)
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention whose positional encoding is chosen by name.
+    """Multi-head self-attention whose positional encoding is chosen by name (or given as a module).
 
-    ``encoding`` is one of :data:`ENCODINGS`. Options: ``max_positions`` (size of the learned
-    table, required for ``"learned"``), ``max_distance`` (Shaw's clipping distance ``k``, 16),
-    ``num_buckets`` / ``t5_max_distance`` (32 / 128), ``rope_base`` / ``rope_layout``
-    (10000 / ``"half"``), ``sinusoidal_base`` (10000).
+    ``encoding`` is a key of :data:`pebook.ENCODINGS` (its options, e.g. ``max_distance`` for
+    Shaw, ``rope_base`` / ``rope_layout`` / ``rotary_dim`` for RoPE, ``num_buckets`` /
+    ``t5_max_distance`` for T5, ``max_positions`` for learned, go in ``**encoding_options``), or
+    an encoding module to share with other layers (T5's one table per stack). ``n_kv_heads``
+    (default ``n_heads``) must divide ``n_heads``. ``scale`` multiplies the logits (``None``:
+    ``1/√head_dim``; T5 uses 1.0). ``bias``: biases in the projections.
 
-    ``forward(x, past_kv=None)`` takes ``x`` of shape ``(batch, seq, dim)``. With ``past_kv`` —
-    the ``(k, v)`` pair returned by an earlier call with ``return_kv=True`` — the new tokens
-    are at positions ``past_len …`` and attend to the cached keys too. RoPE keys are cached
-    already rotated.
+    Projections: ``qkv`` maps ``dim`` to ``(n_heads + 2·n_kv_heads)·head_dim`` features (queries,
+    then keys, then values, each head-major) and ``out`` maps ``n_heads·head_dim`` back to ``dim``.
+
+    ``forward(x, position_ids=None, past_kv=None, return_kv=False)`` takes ``x`` of shape
+    ``(batch, seq, dim)``; ``position_ids`` ``(batch, seq)`` default to continuing from the
+    cache. With ``return_kv`` it also returns a one-layer :class:`pebook.KVCache`.
     """
 
     def __init__(
         self,
         dim: int,
         n_heads: int,
-        encoding: str = "none",
+        encoding: str | PositionalEncoding = "none",
         *,
+        n_kv_heads: int | None = None,
         causal: bool = True,
-        max_positions: int | None = None,
-        max_distance: int = 16,
-        num_buckets: int = 32,
-        t5_max_distance: int = 128,
-        rope_base: float = DEFAULT_ROPE_BASE,
-        rope_layout: str = "half",
-        sinusoidal_base: float = DEFAULT_SINUSOIDAL_BASE,
+        scale: float | None = None,
         bias: bool = True,
+        **encoding_options,
     ):
         super().__init__()
         self.dim = check_int("dim", dim, minimum=1)
         self.n_heads = check_int("n_heads", n_heads, minimum=1)
         if dim % n_heads:
             raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        self.n_kv_heads = self.n_heads if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads, minimum=1)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         self.head_dim = dim // n_heads
-        self.encoding = check_encoding(encoding)
         self.causal = bool(causal)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.scale = _check_scale(scale)
+        if isinstance(encoding, PositionalEncoding):
+            if encoding_options:
+                raise TypeError("options go to the encoding's constructor; an encoding module takes none here")
+            _check_encoding_fits(encoding, self.n_heads, self.head_dim)
+            self.position = encoding
+        else:
+            self.position = build_encoding(
+                check_encoding(encoding),
+                dim=dim,
+                n_heads=self.n_heads,
+                head_dim=self.head_dim,
+                causal=self.causal,
+                **encoding_options,
+            )
+        self.encoding = self.position.name
+        self.qkv = nn.Linear(dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
-        if encoding == "sinusoidal":
-            sinusoidal_encoding(1, dim, sinusoidal_base)  # validates dim and base now, not at forward
-            self.sinusoidal_base = sinusoidal_base
-        elif encoding == "learned":
-            if max_positions is None:
-                raise TypeError("encoding='learned' needs max_positions (the size of the table)")
-            self.position_embedding = LearnedPositionalEmbedding(max_positions, dim)
-        elif encoding == "shaw":
-            self.max_distance = check_int("max_distance", max_distance, minimum=0)
-            scale = self.head_dim**-0.5
-            self.rel_k = nn.Parameter(torch.randn(2 * self.max_distance + 1, self.head_dim) * scale)
-            self.rel_v = nn.Parameter(torch.randn(2 * self.max_distance + 1, self.head_dim) * scale)
-        elif encoding == "t5":
-            self.t5_bias = T5RelativeBias(n_heads, num_buckets, t5_max_distance, bidirectional=not causal)
-        elif encoding == "rope":
-            if rope_layout not in ROPE_LAYOUTS:
-                raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {rope_layout!r}")
-            if self.head_dim % 2:
-                raise ValueError(f"rope needs an even head_dim, got dim={dim} / n_heads={n_heads} = {self.head_dim}")
-            self.rope_layout = rope_layout
-            self.register_buffer("inv_freq", rope_frequencies(self.head_dim, rope_base), persistent=False)
-            self.rope_attention_factor = 1.0
-        elif encoding == "alibi":
-            self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
-
     def set_rope_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
-        """Replace the RoPE frequencies (e.g. by a context-extension rule) and the attention factor.
+        """Give this layer's rotary encoding new frequencies (see :mod:`pebook.rope_scaling`)."""
+        if not hasattr(self.position, "set_frequencies"):
+            raise ValueError(f"set_rope_frequencies needs a rotary encoding, this layer has encoding={self.encoding!r}")
+        self.position.set_frequencies(inv_freq, attention_factor)
 
-        ``attention_factor`` multiplies the rotated queries and keys, so the logits are scaled by
-        its square (YaRN's temperature ``1/t = factor²``; 1.0 leaves attention unchanged).
-        """
-        if self.encoding != "rope":
-            raise ValueError(f"set_rope_frequencies needs encoding='rope', this layer has encoding={self.encoding!r}")
-        check_float_tensor("inv_freq", inv_freq, ndim=1)
-        if inv_freq.numel() != self.head_dim // 2:
-            raise ValueError(f"inv_freq must have head_dim/2 = {self.head_dim // 2} entries, got {inv_freq.numel()}")
-        self.rope_attention_factor = check_positive_float("attention_factor", attention_factor)
-        self.inv_freq = inv_freq.to(self.inv_freq.device, self.inv_freq.dtype)
-
-    def _encoding_params(self) -> dict:
-        if self.encoding == "shaw":
-            return {"rel_k": self.rel_k, "rel_v": self.rel_v, "max_distance": self.max_distance}
-        if self.encoding == "t5":
-            return {"bias_table": self.t5_bias.bias.weight, "max_distance": self.t5_bias.max_distance}
-        if self.encoding == "rope":
-            return {"inv_freq": self.inv_freq, "layout": self.rope_layout}
-        if self.encoding == "alibi":
-            return {"slopes": self.slopes}
-        return {}
-
-    def _check_past(self, x: torch.Tensor, past_kv) -> int:
-        if past_kv is None:
-            return 0
-        if not (isinstance(past_kv, tuple) and len(past_kv) == 2):
-            raise TypeError("past_kv must be the (k, v) tuple returned with return_kv=True")
-        past_k, past_v = past_kv
-        expected = (x.shape[0], self.n_heads, self.head_dim)
-        for name, t in (("past_kv[0]", past_k), ("past_kv[1]", past_v)):
-            check_float_tensor(name, t, ndim=4)
-            if (t.shape[0], t.shape[1], t.shape[3]) != expected or t.device != x.device:
-                raise ValueError(
-                    f"{name} has shape {tuple(t.shape)} on {t.device}, but this layer needs "
-                    f"(batch={expected[0]}, heads={expected[1]}, past_len, head_dim={expected[2]}) on {x.device}"
-                )
-        if past_k.shape[2] != past_v.shape[2]:
-            raise ValueError(f"past keys ({past_k.shape[2]}) and values ({past_v.shape[2]}) differ in length")
-        return past_k.shape[2]
+    # -- the public entry point validates; the model calls _attend, which trusts its arguments ---
 
     def forward(
         self,
         x: torch.Tensor,
-        past_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_kv: KVCache | None = None,
         return_kv: bool = False,
-        position_offset: int | None = None,
     ):
-        """``x``: ``(batch, seq, dim)`` → ``(batch, seq, dim)`` (and the ``(k, v)`` cache if ``return_kv``).
-
-        ``position_offset`` is the position the encoding gives the first new token; ``None``, the
-        correct value, is the cache length. Any other value reproduces the classic decoding bug
-        (e.g. positions restarting at 0 after the prompt); the causal mask is unaffected.
-        """
+        """``x``: ``(batch, seq, dim)`` → ``(batch, seq, dim)`` (and a one-layer KV cache if ``return_kv``)."""
         check_float_tensor("x", x, ndim=3)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, dim={self.dim}), got {tuple(x.shape)}")
         b, t, _ = x.shape
-        past_len = self._check_past(x, past_kv)
-        start = past_len if position_offset is None else check_int("position_offset", position_offset, minimum=0)
-
-        if self.encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(t, self.dim, self.sinusoidal_base, start, dtype=x.dtype, device=x.device)
-        elif self.encoding == "learned":
-            x = x + self.position_embedding(t, start)
-
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        params = self._encoding_params()
-        if self.encoding == "rope":  # rotate the new queries and keys at their positions, then cache the keys
-            positions = query_positions(t, start, device=x.device)
-            q = apply_rope(q, positions, self.inv_freq, self.rope_layout) * self.rope_attention_factor
-            k = apply_rope(k, positions, self.inv_freq, self.rope_layout) * self.rope_attention_factor
-            params = {}
+        past_len = 0
         if past_kv is not None:
-            k, v = torch.cat((past_kv[0], k), dim=2), torch.cat((past_kv[1], v), dim=2)
-        out = positional_attention(
-            q,
-            k,
-            v,
-            "none" if self.encoding == "rope" else self.encoding,
-            causal=self.causal,
-            offset=start,
-            mask_offset=past_len,
-            **params,
+            if not isinstance(past_kv, KVCache):
+                raise TypeError(f"past_kv must be the KVCache returned with return_kv=True, got {type(past_kv).__name__}")
+            past_len = past_kv.check(
+                n_layers=1,
+                n_kv_heads=self.n_kv_heads,
+                head_dim=self.head_dim,
+                batch=b,
+                device=x.device,
+                dtype=x.dtype,
+            )
+        q_pos = positions_for(self.position, b, t, past_len, position_ids, x.device)
+        k_pos = q_pos if past_kv is None else torch.cat((past_kv.positions, q_pos), dim=1)
+        out, kv = self._attend(x, q_pos, k_pos, None if past_kv is None else past_kv[0])
+        return (out, KVCache((kv,), k_pos)) if return_kv else out
+
+    def _attend(self, x, q_pos, k_pos, past=None, bias=None):
+        """Attention of the new tokens ``x`` at ``q_pos`` over the cached and new keys at ``k_pos``.
+
+        Returns ``(output, (keys, values))``; keys are stored after the ``"qk"`` transform.
+        """
+        b, t, _ = x.shape
+        embedded = self.position.embed(q_pos, x.dtype)
+        if embedded is not None:
+            x = x + embedded
+        hd = self.head_dim
+        q, k, v = self.qkv(x).view(b, t, -1, hd).transpose(1, 2).split(
+            (self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1
         )
-        out = self.out(out.transpose(1, 2).reshape(b, t, self.dim))
-        return (out, (k, v)) if return_kv else out
+        q, k = self.position.rotate(q, q_pos), self.position.rotate(k, q_pos)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        mask = storage_causal_mask(t, k.shape[2], x.device) if self.causal else None
+        out = self.position.attend(q, k, v, q_pos, k_pos, mask=mask, scale=self.scale, bias=bias)
+        return self.out(out.transpose(1, 2).reshape(b, t, self.dim)), (k, v)
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, causal={self.causal}, scale={self.scale}"
+
+
+def positions_for(position: PositionalEncoding, batch: int, seq: int, past_len: int, position_ids, device):
+    """Validated ``(batch, seq)`` position ids of new tokens: given, or ``past_len …`` (the default).
+
+    Also asks the encoding whether it can place the last position (a learned table has an end);
+    for ids given on a GPU that question would need a host synchronisation and is skipped.
+    """
+    if position_ids is None:
+        position.check_positions(past_len + seq - 1)
+        return torch.arange(past_len, past_len + seq, device=device).expand(batch, seq)
+    ids = check_positions("position_ids", position_ids, batch, seq, device)
+    if ids.device.type == "cpu" and ids.numel():
+        position.check_positions(int(ids.max()))
+    return ids

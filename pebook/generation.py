@@ -31,7 +31,8 @@ from numbers import Real
 
 import torch
 
-from ._checks import check_float_dtype, check_float_tensor, check_int, check_int_tensor, check_positive_float
+from ._checks import check_float_dtype, check_int, check_int_tensor, check_positions, check_positive_float
+from .cache import KVCache
 from .model import TinyLM
 
 __all__ = [
@@ -76,125 +77,87 @@ def _check_tokens(model: TinyLM, name: str, tokens) -> torch.Tensor:
     device, _ = _placement(model)
     if tokens.device != device:
         raise ValueError(f"{name} is on {tokens.device} but the model is on {device}; move one of them")
-    return tokens
+    return tokens.long()
 
 
-def _head_shape(model: TinyLM) -> tuple[int, int]:
-    attn = model.blocks[0].attn
-    return attn.n_heads, attn.head_dim
-
-
-def _check_learned_room(model: TinyLM, needed: int, what: str) -> None:
-    """A learned table has rows 0 … max_positions - 1 only: refuse work that would need more."""
-    if model.encoding == "learned" and needed > model.max_positions:
-        raise ValueError(
-            f"{what} needs positions 0..{needed - 1}, but this model's learned table has "
-            f"max_positions={model.max_positions} rows (positions 0..{model.max_positions - 1}); "
-            "a learned absolute embedding has no vector beyond its table"
-        )
+def _check_room(model: TinyLM, needed: int, what: str) -> None:
+    """Refuse work that needs positions the encoding cannot place (a learned table has an end)."""
+    if needed <= 0:
+        return
+    try:
+        model.encoding_module.check_positions(needed - 1)
+    except ValueError as err:
+        raise ValueError(f"{what} needs positions 0..{needed - 1}: {err}") from None
 
 
 def check_kv_cache(model: TinyLM, past_kvs, *, batch: int | None = None) -> int:
     """Check that ``past_kvs`` is a KV cache this model can continue from; return its length.
 
-    A cache is the per-layer list of ``(k, v)`` pairs returned by ``model(..., return_kv=True)``,
-    each of shape ``(batch, n_heads, cached_positions, head_dim)``. Checked: the number of layers,
-    heads and head size (a cache made by a model of another shape raises ``ValueError`` saying
-    so), the batch size (when ``batch`` is given), equal lengths across layers and between keys
-    and values, the model's device and dtype, and, for a learned table, that the cache is not
-    longer than the table.
+    A cache is the :class:`pebook.KVCache` returned by ``model(..., return_kv=True)``: per layer
+    ``(k, v)`` of shape ``(batch, n_kv_heads, cached_positions, head_dim)``, and the cached
+    tokens' positions. Checked: the number of layers, key/value heads and head size (a cache made
+    by a model of another shape raises ``ValueError`` saying so), the batch size (when ``batch``
+    is given), equal lengths, the model's device and dtype, and, for a learned table, that the
+    cache is not longer than the table.
     """
     model = _check_model(model)
-    if not isinstance(past_kvs, (list, tuple)):
+    if not isinstance(past_kvs, KVCache):
         raise TypeError(
-            "past_kvs must be the list of per-layer (k, v) pairs returned by model(..., return_kv=True), "
-            f"got {type(past_kvs).__name__}"
+            f"past_kvs must be the KVCache returned by model(..., return_kv=True), got {type(past_kvs).__name__}"
         )
-    if len(past_kvs) != model.n_layers:
-        raise ValueError(
-            f"past_kvs holds {len(past_kvs)} layers but this model has n_layers={model.n_layers}: "
-            "the cache was made by another model"
-        )
-    n_heads, head_dim = _head_shape(model)
     device, dtype = _placement(model)
-    lengths = set()
-    for layer, kv in enumerate(past_kvs):
-        if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
-            raise TypeError(f"past_kvs[{layer}] must be a (k, v) pair, got {type(kv).__name__}")
-        for part, tensor in zip(("k", "v"), kv):
-            name = f"past_kvs[{layer}].{part}"
-            check_float_tensor(name, tensor, ndim=4)
-            b, h, n, d = tensor.shape
-            if (h, d) != (n_heads, head_dim):
-                raise ValueError(
-                    f"{name} has shape {tuple(tensor.shape)} but this model caches (batch, n_heads={n_heads}, "
-                    f"positions, head_dim={head_dim}): the cache was made by a model of another shape"
-                )
-            if batch is not None and b != batch:
-                raise ValueError(f"{name} holds batch size {b} but the new tokens have batch size {batch}")
-            if tensor.device != device:
-                raise ValueError(f"{name} is on {tensor.device} but the model is on {device}")
-            if tensor.dtype != dtype:
-                raise TypeError(f"{name} has dtype {tensor.dtype} but the model computes in {dtype}")
-        if kv[0].shape != kv[1].shape:
-            raise ValueError(
-                f"past_kvs[{layer}]: keys {tuple(kv[0].shape)} and values {tuple(kv[1].shape)} must have one shape"
-            )
-        lengths.add(kv[0].shape[2])
-        if batch is None:
-            batch = kv[0].shape[0]
-    if len(lengths) != 1:
-        raise ValueError(f"past_kvs: every layer must cache the same number of positions, got {sorted(lengths)}")
-    length = lengths.pop()
-    _check_learned_room(model, length, "a cache of this length")
+    length = past_kvs.check(
+        n_layers=model.n_layers,
+        n_kv_heads=model.n_kv_heads,
+        head_dim=model.head_dim,
+        batch=batch,
+        device=device,
+        dtype=dtype,
+    )
+    _check_room(model, length, "a cache of this length")
     return length
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_step(model: TinyLM, tokens: torch.Tensor, past_kvs=None, *, position_offset: int | None = None):
+def decode_step(model: TinyLM, tokens: torch.Tensor, past_kvs=None, *, position_ids: torch.Tensor | None = None):
     """Feed ``tokens`` ``(batch, n)`` after the cache: returns ``(logits (batch, n, vocab), new cache)``.
 
     Without ``past_kvs`` this is the prefill of a prompt. The new tokens sit at positions
-    ``past_len … past_len + n - 1``; ``position_offset`` overrides where the *encoding* places them
-    (the causal mask still uses ``past_len``) and exists only to reproduce decoding bugs. Runs under
-    ``torch.no_grad()``.
+    ``past_len … past_len + n - 1`` unless ``position_ids`` ``(batch, n)`` says otherwise (the
+    causal mask follows the cache either way). Runs under ``torch.no_grad()``; the arguments are
+    validated here, once, and the model runs without checking them again.
     """
     model = _check_model(model)
-    tokens = _check_tokens(model, "tokens", tokens)
-    past_len = 0 if past_kvs is None else check_kv_cache(model, past_kvs, batch=tokens.shape[0])
-    start = past_len if position_offset is None else check_int("position_offset", position_offset, minimum=0)
-    _check_learned_room(model, start + tokens.shape[1], f"feeding {tokens.shape[1]} token(s) after {past_len} cached")
+    tokens, q_pos, _ = model.check_inputs(tokens, position_ids, past_kvs)
     with torch.no_grad():
-        return model(tokens, past_kvs=past_kvs, return_kv=True, position_offset=position_offset)
+        return model.forward_trusted(tokens, q_pos, past_kvs, return_kv=True)
 
 
-def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, position_offset_bug: bool = False):
+def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, position_ids=None):
     """Logits ``(batch, seq, vocab)`` of ``tokens`` computed the way generation computes them.
 
-    The first ``prompt_len`` tokens are fed in one call (the prefill), then the others one at a time
-    with the KV cache. With correct positions the result equals ``model(tokens)`` up to rounding,
-    for every encoding.
-
-    ``position_offset_bug=True`` reproduces the classic bug of computing a step's positions from
-    its own input alone (``arange(new_len)``, ignoring the cache): the prompt is encoded at
-    ``0 … prompt_len - 1`` and every decoded token again at position 0 — positions restart at 0
-    after the prompt. (The causal mask stays correct.)
+    The first ``prompt_len`` tokens are fed in one call (the prefill), then the others one at a
+    time with the KV cache. ``position_ids`` ``(batch, seq)`` (default ``0 … seq - 1``) give each
+    token's position; with the default the result equals ``model(tokens)`` up to rounding, for
+    every encoding. Wrong ids reproduce decoding bugs: ``position_ids = [0 … prompt_len - 1, 0, 0,
+    …]`` is the classic one of computing a step's positions from its own input alone
+    (``arange(new_len)``), forgetting the cache.
     """
     model = _check_model(model)
     tokens = _check_tokens(model, "tokens", tokens)
-    seq = tokens.shape[1]
+    batch, seq = tokens.shape
     prompt_len = check_int("prompt_len", prompt_len, minimum=1)
     if prompt_len > seq:
         raise ValueError(f"prompt_len must be between 1 and the sequence length {seq}, got {prompt_len}")
-    if not isinstance(position_offset_bug, bool):
-        raise TypeError(f"position_offset_bug must be a bool, got {position_offset_bug!r}")
-    logits, cache = decode_step(model, tokens[:, :prompt_len])
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=tokens.device).expand(batch, seq)
+    position_ids = check_positions("position_ids", position_ids, batch, seq, tokens.device)
+    logits, cache = decode_step(model, tokens[:, :prompt_len], position_ids=position_ids[:, :prompt_len])
     steps = [logits]
-    offset = 0 if position_offset_bug else None  # None: the cache length, i.e. the true position
     for t in range(prompt_len, seq):
-        logits, cache = decode_step(model, tokens[:, t : t + 1], cache, position_offset=offset)
+        logits, cache = decode_step(model, tokens[:, t : t + 1], cache, position_ids=position_ids[:, t : t + 1])
         steps.append(logits)
     return torch.cat(steps, dim=1)
 
@@ -256,7 +219,7 @@ def generate(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     prompt_len = prompt.shape[1]
-    _check_learned_room(
+    _check_room(
         model,
         prompt_len + max(max_new_tokens - 1, 0),
         f"a prompt of {prompt_len} tokens continued by max_new_tokens={max_new_tokens}",
@@ -265,20 +228,23 @@ def generate(
     tokens = prompt
     if max_new_tokens == 0:
         return tokens.clone()
+    # validated above, once: the steps below run the model without checking again
+    positions = torch.arange(prompt_len + max_new_tokens, device=prompt.device).expand(prompt.shape[0], -1)
     with torch.no_grad():
         if use_cache:
-            logits, cache = model(prompt, return_kv=True)
+            logits, cache = model.forward_trusted(prompt, positions[:, :prompt_len], None, return_kv=True)
         else:
-            logits = model(prompt)
+            logits = model.forward_trusted(prompt, positions[:, :prompt_len])
         for step in range(max_new_tokens):
             new = _next_token(logits[:, -1], temperature, top_k, generator)
             tokens = torch.cat((tokens, new), dim=1)
             if step == max_new_tokens - 1:
                 break  # the last token is returned, never fed back
+            n = tokens.shape[1]
             if use_cache:
-                logits, cache = model(new, past_kvs=cache, return_kv=True)
+                logits, cache = model.forward_trusted(new, positions[:, n - 1 : n], cache, return_kv=True)
             else:
-                logits = model(tokens)
+                logits = model.forward_trusted(tokens, positions[:, :n])
     return tokens
 
 
@@ -305,18 +271,15 @@ def kv_cache_bytes(
     return 2 * n_layers * n_kv_heads * head_dim * n_tokens * batch * dtype.itemsize
 
 
-def cache_bytes(past_kvs) -> int:
-    """Bytes held by the tensors of a KV cache (the per-layer ``(k, v)`` list a model returned)."""
-    if not isinstance(past_kvs, (list, tuple)):
-        raise TypeError(f"past_kvs must be a list of per-layer (k, v) pairs, got {type(past_kvs).__name__}")
-    total = 0
-    for layer, kv in enumerate(past_kvs):
-        if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
-            raise TypeError(f"past_kvs[{layer}] must be a (k, v) pair, got {type(kv).__name__}")
-        for part, tensor in zip(("k", "v"), kv):
-            check_float_tensor(f"past_kvs[{layer}].{part}", tensor)
-            total += tensor.numel() * tensor.element_size()
-    return total
+def cache_bytes(past_kvs: KVCache) -> int:
+    """Bytes held by the keys and values of a :class:`pebook.KVCache` (its ``nbytes``).
+
+    The cached positions (one int64 per token) are bookkeeping outside the
+    ``2 · layers · kv_heads · head_dim`` count of :func:`kv_cache_bytes` and are not included.
+    """
+    if not isinstance(past_kvs, KVCache):
+        raise TypeError(f"past_kvs must be a pebook.KVCache, got {type(past_kvs).__name__}")
+    return past_kvs.nbytes
 
 
 # ----------------------------------------------------------------------------- time
@@ -358,7 +321,7 @@ def time_per_token(model: TinyLM, lengths, *, repeats: int = 5, batch: int = 1, 
         raise ValueError("lengths must hold at least one context length")
     repeats = check_int("repeats", repeats, minimum=1)
     batch = check_int("batch", batch, minimum=1)
-    _check_learned_room(model, max(lengths), f"timing at length {max(lengths)}")
+    _check_room(model, max(lengths), f"timing at length {max(lengths)}")
     device, _ = _placement(model)
     gen = torch.Generator().manual_seed(check_int("seed", seed, minimum=0))
     tokens = torch.randint(0, model.vocab_size, (batch, max(lengths)), generator=gen).to(device)

@@ -13,9 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_int
+from ._checks import check_int, check_positive_float
+from .encoding import PositionalEncoding
 
-__all__ = ["LearnedPositionalEmbedding", "learned_parameter_count"]
+__all__ = ["LearnedPositionalEmbedding", "LearnedPE", "learned_parameter_count"]
+
+#: BERT initialises its position table from N(0, 0.02²) (``initializer_range``); GPT-2 uses 0.01.
+DEFAULT_INIT_STD = 0.02
 
 
 class LearnedPositionalEmbedding(nn.Module):
@@ -23,29 +27,58 @@ class LearnedPositionalEmbedding(nn.Module):
 
     ``forward(n_positions, offset=0)`` returns the rows for positions
     ``offset … offset + n_positions - 1``, with the same signature as
-    :func:`pebook.sinusoidal_encoding`. Rows are initialised from ``N(0, init_std²)``.
+    :func:`pebook.sinusoidal_encoding`. Rows are initialised from ``N(0, init_std²)``, with
+    ``init_std = 0.02`` as in BERT (Devlin et al. 2019; GPT-2 uses 0.01).
     """
 
-    def __init__(self, max_positions: int, dim: int, *, init_std: float = 1.0):
+    def __init__(self, max_positions: int, dim: int, *, init_std: float = DEFAULT_INIT_STD):
         super().__init__()
         self.max_positions = check_int("max_positions", max_positions, minimum=1)
         self.dim = check_int("dim", dim, minimum=1)
-        self.weight = nn.Parameter(torch.randn(self.max_positions, self.dim) * init_std)
+        self.init_std = check_positive_float("init_std", init_std)
+        self.weight = nn.Parameter(torch.randn(self.max_positions, self.dim) * self.init_std)
 
     def forward(self, n_positions: int, offset: int = 0) -> torch.Tensor:
         n_positions = check_int("n_positions", n_positions, minimum=0)
         offset = check_int("offset", offset, minimum=0)
-        last = offset + n_positions - 1
-        if last >= self.max_positions:
-            raise ValueError(
-                f"position {last} is beyond this learned table: it has max_positions={self.max_positions} "
-                f"rows (positions 0..{self.max_positions - 1}); requested n_positions={n_positions} "
-                f"from offset={offset}. A learned absolute embedding has no vector for unseen positions."
-            )
+        self.check_positions(offset + n_positions - 1)
         return self.weight[offset : offset + n_positions]
 
+    def check_positions(self, last_position: int) -> None:
+        """Raise ``ValueError`` unless ``last_position`` has a row in the table."""
+        if last_position >= self.max_positions:
+            raise ValueError(
+                f"position {last_position} is beyond this learned table: it has max_positions={self.max_positions} "
+                f"rows (positions 0..{self.max_positions - 1}). A learned absolute embedding has no vector for "
+                "unseen positions."
+            )
+
     def extra_repr(self) -> str:
-        return f"max_positions={self.max_positions}, dim={self.dim}"
+        return f"max_positions={self.max_positions}, dim={self.dim}, init_std={self.init_std:g}"
+
+
+class LearnedPE(PositionalEncoding):
+    """Registry entry ``"learned"``: row ``position_ids`` of a trainable table, added to the embeddings.
+
+    Options ``max_positions`` (required: the table size) and ``init_std`` (0.02).
+    """
+
+    name = "learned"
+    place = "input"
+    example_options = {"max_positions": 64}
+
+    def __init__(self, *, dim: int, max_positions: int, init_std: float = DEFAULT_INIT_STD):
+        super().__init__()
+        self.table = LearnedPositionalEmbedding(max_positions, dim, init_std=init_std)
+
+    def declared_parameters(self):
+        return {"table.weight": ((self.table.max_positions, self.table.dim), True)}
+
+    def check_positions(self, last_position: int) -> None:
+        self.table.check_positions(last_position)
+
+    def embed(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.table.weight[position_ids].to(dtype)
 
 
 def learned_parameter_count(max_positions: int, dim: int) -> int:

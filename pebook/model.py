@@ -1,9 +1,11 @@
 """TinyLM: a small decoder-only language model whose positional encoding is a parameter.
 
 Pre-LN blocks (``x + attn(LN(x))``, ``x + mlp(LN(x))``, as in GPT-2, Radford et al. 2019) with
-a causal mask. Absolute encodings (``"sinusoidal"``, ``"learned"``) are added once to the token
-embeddings; the other encodings act inside every attention layer. The model is small enough to
-train on a CPU in the book's chapters.
+a causal mask. Where position enters is the encoding's own declaration (:mod:`pebook.encoding`):
+an ``"input"`` encoding (sinusoidal, learned) is added once, to the token embeddings, and owned
+by the model, as nanoGPT's ``wpe``; an encoding shared across layers (T5's table, ALiBi's fixed
+slopes) is one module used by every layer, and its bias is computed once per forward; any other
+encoding gets one module per layer. The model is small enough to train on a CPU in the book.
 """
 
 from __future__ import annotations
@@ -12,44 +14,56 @@ import torch
 from torch import nn
 
 from ._checks import check_float_tensor, check_int, check_int_tensor
-from .attention import ABSOLUTE_ENCODINGS, MultiHeadAttention, check_encoding
-from .learned import LearnedPositionalEmbedding
-from .sinusoidal import DEFAULT_SINUSOIDAL_BASE, sinusoidal_encoding
+from .attention import MultiHeadAttention, positions_for
+from .cache import KVCache
+from .registry import ENCODINGS, build_encoding, check_encoding, encoding_options
 
 __all__ = ["TransformerBlock", "TinyLM"]
 
 
 class TransformerBlock(nn.Module):
-    """One pre-LN decoder block: causal multi-head attention and a 4×-wide GELU MLP."""
+    """One pre-LN decoder block: causal multi-head attention and a 4×-wide GELU MLP.
 
-    def __init__(self, dim: int, n_heads: int, encoding: str = "none", **attention_options):
+    ``encoding`` and the keyword options are those of :class:`pebook.MultiHeadAttention`.
+    """
+
+    def __init__(self, dim: int, n_heads: int, encoding="none", **attention_options):
         super().__init__()
         self.attn_norm = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, n_heads, encoding, causal=True, **attention_options)
         self.mlp_norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x, past_kv=None, return_kv: bool = False, position_offset: int | None = None):
-        attended = self.attn(self.attn_norm(x), past_kv=past_kv, return_kv=return_kv, position_offset=position_offset)
-        if return_kv:
-            attended, kv = attended
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``(batch, seq, dim)`` at positions ``0 … seq - 1`` → ``(batch, seq, dim)``."""
+        check_float_tensor("x", x, ndim=3)
+        if x.shape[-1] != self.attn.dim:
+            raise ValueError(f"x must have shape (batch, seq, dim={self.attn.dim}), got {tuple(x.shape)}")
+        b, t, _ = x.shape
+        pos = torch.arange(t, device=x.device).expand(b, t)
+        return self._forward(x, pos, pos)[0]
+
+    def _forward(self, x, q_pos, k_pos, past=None, bias=None):
+        attended, kv = self.attn._attend(self.attn_norm(x), q_pos, k_pos, past, bias)
         x = x + attended
-        x = x + self.mlp(self.mlp_norm(x))
-        return (x, kv) if return_kv else x
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class TinyLM(nn.Module):
     """Decoder-only language model: ``forward(tokens)`` → logits ``(batch, seq, vocab_size)``.
 
-    ``max_positions`` is the size of the learned table for ``encoding="learned"`` (longer inputs
-    raise a clear error). For every other encoding it only records the context length the
-    model is meant to be trained at; longer inputs run, which is what an extrapolation
-    experiment needs. Extra keyword options go to :class:`pebook.MultiHeadAttention`
-    (e.g. ``max_distance`` for Shaw, ``rope_base``).
+    ``encoding`` is a key of :data:`pebook.ENCODINGS`; ``**options`` are its options (e.g.
+    ``max_distance`` for Shaw, ``rope_base``, ``rotary_dim``) plus ``n_kv_heads`` and ``scale``
+    of :class:`pebook.MultiHeadAttention`. ``max_positions`` is the size of the learned table for
+    ``encoding="learned"`` (positions past it raise a clear error); for every other encoding it
+    only records the context length the model is meant to be trained at, and longer inputs run,
+    which is what an extrapolation experiment needs.
 
-    ``forward(tokens, past_kvs=None, return_kv=False)``: with ``past_kvs`` (the per-layer list
-    returned by an earlier call with ``return_kv=True``) the new tokens continue at position
-    ``past_len``, which is how generation with a KV cache works.
+    ``forward(tokens, position_ids=None, past_kvs=None, return_kv=False)``: ``tokens`` is an
+    integer tensor ``(batch, seq)`` (any integer dtype). ``position_ids`` ``(batch, seq)``
+    default to continuing from the cache: positions ``past_len … past_len + seq - 1``. With
+    ``past_kvs`` (the :class:`pebook.KVCache` of an earlier call with ``return_kv=True``) the new
+    tokens attend to the cached ones, which is how generation works.
     """
 
     def __init__(
@@ -60,7 +74,10 @@ class TinyLM(nn.Module):
         n_heads: int,
         max_positions: int,
         encoding: str = "rope",
-        **attention_options,
+        *,
+        n_kv_heads: int | None = None,
+        scale: float | None = None,
+        **options,
     ):
         super().__init__()
         self.vocab_size = check_int("vocab_size", vocab_size, minimum=1)
@@ -68,82 +85,102 @@ class TinyLM(nn.Module):
         self.n_layers = check_int("n_layers", n_layers, minimum=1)
         self.max_positions = check_int("max_positions", max_positions, minimum=1)
         self.encoding = check_encoding(encoding)
+        check_int("n_heads", n_heads, minimum=1)
+        if "max_positions" in encoding_options(encoding):
+            options.setdefault("max_positions", max_positions)
         self.token_embedding = nn.Embedding(vocab_size, dim)
-        if encoding == "learned":
-            self.position_embedding = LearnedPositionalEmbedding(max_positions, dim)
-        self.sinusoidal_base = attention_options.pop("sinusoidal_base", DEFAULT_SINUSOIDAL_BASE)
-        if encoding == "sinusoidal":
-            sinusoidal_encoding(1, dim, self.sinusoidal_base)  # validates dim and base at construction
-        layer_encoding = "none" if encoding in ABSOLUTE_ENCODINGS else encoding
+
+        cls = ENCODINGS[encoding]
+        shape = dict(dim=dim, n_heads=n_heads, head_dim=dim // n_heads, causal=True)
+        self.position = None  # an input encoding, owned by the model and added once
+        if cls.place == "input":
+            self.position = build_encoding(encoding, **shape, **options)
+            layer_encodings = ["none"] * n_layers
+            options = {}
+        elif cls.shared_across_layers:
+            shared = build_encoding(encoding, **shape, **options)
+            layer_encodings = [shared] * n_layers
+            options = {}
+        else:
+            layer_encodings = [encoding] * n_layers
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, n_heads, layer_encoding, **attention_options) for _ in range(n_layers)
+            TransformerBlock(dim, n_heads, layer_encoding, n_kv_heads=n_kv_heads, scale=scale, **options)
+            for layer_encoding in layer_encodings
         )
         self.final_norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        attn = self.blocks[0].attn
+        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self._shared_bias = cls.shared_across_layers and cls.place == "logits"
 
-    def _check_tokens(self, tokens) -> None:
+    @property
+    def encoding_module(self):
+        """The encoding module: the model's own for an input encoding, else layer 0's."""
+        return self.position if self.position is not None else self.blocks[0].attn.position
+
+    def set_rope_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
+        """Give every layer new RoPE frequencies and attention factor (see :mod:`pebook.rope_scaling`)."""
+        if not hasattr(self.encoding_module, "set_frequencies"):
+            raise ValueError(f"set_rope_frequencies needs a rotary encoding, this model has encoding={self.encoding!r}")
+        for block in self.blocks:
+            block.attn.set_rope_frequencies(inv_freq, attention_factor)
+
+    def check_inputs(self, tokens, position_ids=None, past_kvs=None):
+        """Validate one call's arguments; return ``(tokens as int64, position_ids (batch, seq), past_len)``.
+
+        Token ids are range-checked on the CPU only: on a GPU that check would force a host
+        synchronisation at every step.
+        """
         check_int_tensor("tokens", tokens, ndim=2)
-        if tokens.shape[1] == 0:
-            raise ValueError(f"tokens must hold at least one position, got shape {tuple(tokens.shape)}")
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+        batch, seq = tokens.shape
+        if batch == 0 or seq == 0:
+            raise ValueError(f"tokens must have shape (batch >= 1, seq >= 1), got shape {tuple(tokens.shape)}")
+        if tokens.device.type == "cpu" and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
             raise ValueError(
                 f"tokens must lie in [0, vocab_size={self.vocab_size}), got values in "
                 f"[{int(tokens.min())}, {int(tokens.max())}]"
             )
-
-    def _check_past_kvs(self, past_kvs) -> int:
-        """Validate the per-layer cache structure; return the number of cached positions."""
-        if past_kvs is None:
-            return 0
-        if not isinstance(past_kvs, (list, tuple)) or len(past_kvs) != self.n_layers:
-            got = len(past_kvs) if isinstance(past_kvs, (list, tuple)) else type(past_kvs).__name__
-            raise ValueError(f"past_kvs must hold one (k, v) per layer ({self.n_layers}), got {got}")
-        lengths = []
-        for layer, kv in enumerate(past_kvs):
-            if not (isinstance(kv, tuple) and len(kv) == 2):
-                raise TypeError(f"past_kvs[{layer}] must be a (k, v) tuple from return_kv=True, got {type(kv).__name__}")
-            for part, tensor in zip("kv", kv):
-                check_float_tensor(f"past_kvs[{layer}].{part}", tensor, ndim=4)
-            lengths.append(kv[0].shape[2])
-        if len(set(lengths)) > 1:
-            raise ValueError(f"past_kvs: every layer's cache must hold the same number of positions, got lengths {lengths}")
-        return lengths[0]
-
-    def set_rope_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
-        """Give every layer new RoPE frequencies and attention factor (see :mod:`pebook.rope_scaling`)."""
-        if self.encoding != "rope":
-            raise ValueError(f"set_rope_frequencies needs encoding='rope', this model has encoding={self.encoding!r}")
-        for block in self.blocks:
-            block.attn.set_rope_frequencies(inv_freq, attention_factor)
+        weight = self.token_embedding.weight
+        if tokens.device != weight.device:
+            raise ValueError(f"tokens is on {tokens.device} but the model is on {weight.device}; move one of them")
+        past_len = 0
+        if past_kvs is not None:
+            if not isinstance(past_kvs, KVCache):
+                raise TypeError(
+                    f"past_kvs must be the KVCache returned by model(..., return_kv=True), got {type(past_kvs).__name__}"
+                )
+            past_len = past_kvs.check(
+                n_layers=self.n_layers,
+                n_kv_heads=self.n_kv_heads,
+                head_dim=self.head_dim,
+                batch=batch,
+                device=weight.device,
+                dtype=weight.dtype,
+            )
+        q_pos = positions_for(self.encoding_module, batch, seq, past_len, position_ids, tokens.device)
+        return tokens.long(), q_pos, past_len
 
     def forward(
         self,
         tokens: torch.Tensor,
-        past_kvs: list | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_kvs: KVCache | None = None,
         return_kv: bool = False,
-        position_offset: int | None = None,
     ):
-        """Logits ``(batch, seq, vocab_size)`` (and the per-layer caches if ``return_kv``).
+        """Logits ``(batch, seq, vocab_size)`` (and the new :class:`pebook.KVCache` if ``return_kv``)."""
+        tokens, q_pos, _ = self.check_inputs(tokens, position_ids, past_kvs)
+        return self.forward_trusted(tokens, q_pos, past_kvs, return_kv)
 
-        ``position_offset``: the position the encodings give the first token; ``None`` (correct)
-        means the cache length. Other values exist to reproduce the classic decoding bug.
-        """
-        self._check_tokens(tokens)
-        past_len = self._check_past_kvs(past_kvs)
-        start = past_len if position_offset is None else check_int("position_offset", position_offset, minimum=0)
-        t = tokens.shape[1]
+    def forward_trusted(self, tokens, q_pos, past_kvs=None, return_kv: bool = False):
+        """:meth:`forward` for arguments already validated by :meth:`check_inputs` (no checks)."""
         x = self.token_embedding(tokens)
-        if self.encoding == "learned":
-            x = x + self.position_embedding(t, start)
-        elif self.encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(t, self.dim, self.sinusoidal_base, offset=start, dtype=x.dtype, device=x.device)
-
+        if self.position is not None:
+            x = x + self.position.embed(q_pos, x.dtype)
+        k_pos = q_pos if past_kvs is None else torch.cat((past_kvs.positions, q_pos), dim=1)
+        bias = self.blocks[0].attn.position.logit_bias(q_pos, k_pos) if self._shared_bias else None
         new_kvs = []
         for layer, block in enumerate(self.blocks):
-            past = None if past_kvs is None else past_kvs[layer]
-            x = block(x, past_kv=past, return_kv=return_kv, position_offset=start)
-            if return_kv:
-                x, kv = x
-                new_kvs.append(kv)
+            x, kv = block._forward(x, q_pos, k_pos, None if past_kvs is None else past_kvs[layer], bias)
+            new_kvs.append(kv)
         logits = self.lm_head(self.final_norm(x))
-        return (logits, new_kvs) if return_kv else logits
+        return (logits, KVCache(new_kvs, k_pos)) if return_kv else logits

@@ -27,7 +27,15 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_even, check_float_dtype, check_float_tensor, check_positive_float, check_same_placement
+from ._checks import (
+    check_even,
+    check_float_dtype,
+    check_float_tensor,
+    check_int,
+    check_positive_float,
+    check_same_placement,
+)
+from .encoding import PositionalEncoding
 
 __all__ = [
     "DEFAULT_ROPE_BASE",
@@ -38,6 +46,7 @@ __all__ = [
     "rope_layout_permutation",
     "rope_decay_bound",
     "ROPE_LAYOUTS",
+    "RoPE",
 ]
 
 DEFAULT_ROPE_BASE = 10000.0
@@ -58,31 +67,66 @@ def rope_frequencies(
     return (base ** (-exponents)).to(dtype)
 
 
-def _angle_dtype(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.dtype:
-    return torch.float64 if torch.float64 in (x.dtype, inv_freq.dtype) else torch.float32
-
-
-def _check_rope_inputs(x, positions, inv_freq) -> torch.dtype:
+def _check_rope_inputs(x, positions, inv_freq, rotary_dim=None) -> int:
+    """Validate the arguments of :func:`apply_rope` / :func:`apply_rope_complex`; return ``rotary_dim``."""
     check_float_tensor("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (..., seq, head_dim), got shape {tuple(x.shape)}")
     check_float_tensor("inv_freq", inv_freq, ndim=1)
     check_float_dtype("inv_freq.dtype", inv_freq.dtype, allowed=(torch.float32, torch.float64))
     if not isinstance(positions, torch.Tensor):
-        raise TypeError(f"positions must be a 1-D torch.Tensor of positions, got {type(positions).__name__}")
+        raise TypeError(f"positions must be a torch.Tensor of positions, got {type(positions).__name__}")
     if positions.dtype == torch.bool or positions.dtype.is_complex:
         raise TypeError(f"positions must be an integer or floating tensor, got dtype {positions.dtype}")
-    if positions.dim() != 1:
-        raise ValueError(f"positions must be 1-D (one position per row of x), got shape {tuple(positions.shape)}")
     check_same_placement(x=x, positions=positions, inv_freq=inv_freq)
     seq, dim = x.shape[-2], x.shape[-1]
-    if dim % 2 or inv_freq.numel() * 2 != dim:
+    if positions.dim() == 1:
+        if positions.numel() != seq:
+            raise ValueError(f"positions has {positions.numel()} entries but x has seq={seq} rows (x.shape[-2])")
+    elif positions.dim() == 2:
+        if x.dim() != 4 or positions.shape != (x.shape[0], seq):
+            raise ValueError(
+                f"2-D positions (position_ids) must have shape (batch, seq) = ({x.shape[0]}, {seq}) for x of shape "
+                f"(batch, heads, seq, head_dim), got positions {tuple(positions.shape)} and x {tuple(x.shape)}"
+            )
+    else:
+        raise ValueError(f"positions must be (seq,) or (batch, seq), got shape {tuple(positions.shape)}")
+    rotary_dim = dim if rotary_dim is None else check_int("rotary_dim", rotary_dim, minimum=2)
+    if rotary_dim % 2 or rotary_dim > dim:
+        raise ValueError(f"rotary_dim must be even and at most head_dim={dim}, got {rotary_dim}")
+    if inv_freq.numel() * 2 != rotary_dim:
         raise ValueError(
-            f"x's last dimension (head_dim={dim}) must equal 2 * len(inv_freq) = {2 * inv_freq.numel()}"
+            f"the rotated features (rotary_dim={rotary_dim}; head_dim={dim}) must equal 2 * len(inv_freq) = "
+            f"{2 * inv_freq.numel()}"
         )
-    if positions.numel() != seq:
-        raise ValueError(f"positions has {positions.numel()} entries but x has seq={seq} rows (x.shape[-2])")
-    return _angle_dtype(x, inv_freq)
+    return rotary_dim
+
+
+def _angles(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``m·θ`` for (seq,) positions → (seq, d/2), or (batch, seq) → (batch, 1, seq, d/2) for head-major x."""
+    angles = positions.to(dtype)[..., None] * inv_freq.to(dtype)
+    return angles[:, None] if positions.dim() == 2 else angles
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, layout: str, rotary_dim: int):
+    """:func:`apply_rope` without argument checks (library-internal callers have validated)."""
+    dtype = torch.float64 if torch.float64 in (x.dtype, inv_freq.dtype) else torch.float32
+    angles = _angles(positions, inv_freq, dtype)
+    cos, sin = angles.cos(), angles.sin()
+    rot, rest = (x, None) if rotary_dim == x.shape[-1] else (x[..., :rotary_dim], x[..., rotary_dim:])
+    xf = rot.to(dtype)
+    if layout == "half":
+        x1, x2 = xf.chunk(2, dim=-1)
+    else:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    # (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin) + i (x2 cos + x1 sin)
+    first, second = torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)
+    if layout == "half":
+        rotated = torch.cat((first, second), dim=-1)
+    else:
+        rotated = torch.stack((first, second), dim=-1).flatten(-2)
+    rotated = rotated.to(x.dtype)
+    return rotated if rest is None else torch.cat((rotated, rest), dim=-1)
 
 
 def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -98,37 +142,37 @@ def apply_rope_complex(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch
     ``e^{i · positions · θ_i}``, as in Meta's Llama reference (``apply_rotary_emb``). Returns a
     tensor of ``x``'s shape, dtype and device.
     """
-    dtype = _check_rope_inputs(x, positions, inv_freq)
-    rotation = torch.polar(torch.ones((), dtype=dtype, device=x.device), rope_angles(positions, inv_freq, dtype))
+    _check_rope_inputs(x, positions, inv_freq)
+    if x.shape[-1] != 2 * inv_freq.numel():
+        raise ValueError(f"apply_rope_complex rotates every feature: head_dim={x.shape[-1]} must be 2 * len(inv_freq)")
+    dtype = torch.float64 if torch.float64 in (x.dtype, inv_freq.dtype) else torch.float32
+    rotation = torch.polar(torch.ones((), dtype=dtype, device=x.device), _angles(positions, inv_freq, dtype))
     pairs = torch.view_as_complex(x.to(dtype).contiguous().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, layout: str = "half") -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    layout: str = "half",
+    rotary_dim: int | None = None,
+) -> torch.Tensor:
     """Rotate ``x`` (``(..., seq, head_dim)``) in real arithmetic, RoFormer eq. (34).
 
-    ``layout="half"`` rotates pairs ``(i, i + d/2)`` (GPT-NeoX / ``transformers`` Llama:
+    ``layout="half"`` rotates pairs ``(i, i + r/2)`` (GPT-NeoX / ``transformers`` Llama:
     ``x·cos + cat(-x2, x1)·sin``); ``layout="interleaved"`` rotates pairs ``(2i, 2i+1)``
-    (GPT-J, equal to :func:`apply_rope_complex`). Row ``r`` of ``x`` is rotated by the angles of
-    ``positions[r]``. Returns a tensor of ``x``'s shape, dtype and device.
+    (GPT-J, equal to :func:`apply_rope_complex`). ``positions`` is ``(seq,)`` (row ``r`` of ``x``
+    at ``positions[r]``) or ``(batch, seq)`` position ids for ``x`` of shape
+    ``(batch, heads, seq, head_dim)``. ``rotary_dim`` (default ``head_dim``) rotates only the
+    first ``rotary_dim`` features and passes the rest through, as GPT-NeoX's ``rotary_pct`` and
+    GPT-J's ``rotary_dim`` do; ``inv_freq`` then has ``rotary_dim/2`` entries. Returns a tensor
+    of ``x``'s shape, dtype and device; angles are formed in float32 (float64 if either input is).
     """
     if layout not in ROPE_LAYOUTS:
         raise ValueError(f"layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
-    dtype = _check_rope_inputs(x, positions, inv_freq)
-    angles = rope_angles(positions, inv_freq, dtype)
-    cos, sin = angles.cos(), angles.sin()
-    xf = x.to(dtype)
-    if layout == "half":
-        x1, x2 = xf.chunk(2, dim=-1)
-    else:
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    # (x1 + i x2)(cos + i sin) = (x1 cos - x2 sin) + i (x2 cos + x1 sin)
-    first, second = torch.addcmul(x1 * cos, x2, sin, value=-1), torch.addcmul(x2 * cos, x1, sin)
-    if layout == "half":
-        rotated = torch.cat((first, second), dim=-1)
-    else:
-        rotated = torch.stack((first, second), dim=-1).flatten(-2)
-    return rotated.to(x.dtype)
+    rotary_dim = _check_rope_inputs(x, positions, inv_freq, rotary_dim)
+    return _rotate(x, positions, inv_freq, layout, rotary_dim)
 
 
 def rope_layout_permutation(dim: int, *, device=None) -> torch.Tensor:
@@ -167,3 +211,59 @@ def rope_decay_bound(distances: torch.Tensor, dim: int, base: float = DEFAULT_RO
     angles = distances.to(torch.float64)[..., None] * inv_freq  # (..., d/2): r θ_k
     partial_sums = torch.polar(torch.ones_like(angles), angles).cumsum(-1)  # S_1 … S_{d/2}
     return partial_sums.abs().mean(-1)
+
+
+class RoPE(PositionalEncoding):
+    """Registry entry ``"rope"``: queries and keys rotated at their positions before attention.
+
+    Options ``rope_base`` (10000), ``rope_layout`` (``"half"`` or ``"interleaved"``) and
+    ``rotary_dim`` (``None``: the whole head). ``inv_freq`` is a buffer that stays in float32
+    under ``.half()`` / ``.bfloat16()``; :meth:`set_frequencies` installs a context-extension rule.
+    """
+
+    name = "rope"
+    place = "qk"
+    full_precision_buffers = ("inv_freq",)
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        rope_base: float = DEFAULT_ROPE_BASE,
+        rope_layout: str = "half",
+        rotary_dim: int | None = None,
+    ):
+        super().__init__()
+        self.head_dim = check_int("head_dim", head_dim, minimum=1)
+        if rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {rope_layout!r}")
+        rotary_dim = self.head_dim if rotary_dim is None else check_int("rotary_dim", rotary_dim, minimum=2)
+        if rotary_dim % 2 or rotary_dim > self.head_dim:
+            raise ValueError(f"rope needs an even rotary_dim <= head_dim={self.head_dim}, got rotary_dim={rotary_dim}")
+        self.rope_layout = rope_layout
+        self.rotary_dim = rotary_dim
+        self.attention_factor = 1.0
+        self.register_buffer("inv_freq", rope_frequencies(rotary_dim, rope_base), persistent=False)
+
+    def declared_parameters(self):
+        return {"inv_freq": ((self.rotary_dim // 2,), False)}
+
+    def set_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
+        """Replace the frequencies (e.g. by a :mod:`pebook.rope_scaling` rule) and the attention factor.
+
+        ``attention_factor`` multiplies the rotated queries and keys, so the logits are scaled by
+        its square (YaRN's temperature ``1/t = factor²``; 1.0 leaves attention unchanged).
+        """
+        check_float_tensor("inv_freq", inv_freq, ndim=1)
+        check_float_dtype("inv_freq.dtype", inv_freq.dtype, allowed=(torch.float32, torch.float64))
+        if inv_freq.numel() != self.rotary_dim // 2:
+            raise ValueError(f"inv_freq must have rotary_dim/2 = {self.rotary_dim // 2} entries, got {inv_freq.numel()}")
+        self.attention_factor = check_positive_float("attention_factor", attention_factor)
+        self.inv_freq = inv_freq.detach().to(self.inv_freq.device, self.inv_freq.dtype)
+
+    def rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        rotated = _rotate(x, position_ids, self.inv_freq, self.rope_layout, self.rotary_dim)
+        return rotated if self.attention_factor == 1.0 else rotated * self.attention_factor
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, layout={self.rope_layout!r}"

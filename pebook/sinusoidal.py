@@ -25,6 +25,7 @@ from ._checks import (
     check_int_tensor,
     check_positive_float,
 )
+from .encoding import PositionalEncoding
 
 __all__ = [
     "sinusoidal_frequencies",
@@ -32,6 +33,7 @@ __all__ = [
     "sinusoidal_shift_matrix",
     "sinusoidal_dot_profile",
     "fit_shift_map",
+    "SinusoidalPE",
 ]
 
 DEFAULT_SINUSOIDAL_BASE = 10000.0
@@ -64,10 +66,14 @@ def sinusoidal_encoding(
     offset = check_int("offset", offset, minimum=0)
     check_float_dtype("dtype", dtype)
     omega = sinusoidal_frequencies(dim, base, device=device)
-    positions = torch.arange(offset, offset + n_positions, dtype=torch.float64, device=device)
-    angles = positions[:, None] * omega[None, :]
-    table = torch.stack((angles.sin(), angles.cos()), dim=-1).reshape(n_positions, dim)
-    return table.to(dtype)
+    positions = torch.arange(offset, offset + n_positions, device=device)
+    return _rows(positions, omega).to(dtype)
+
+
+def _rows(positions: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
+    """``PE(p)`` for every entry of ``positions`` (any shape): shape ``(*positions.shape, 2·len(omega))``."""
+    angles = positions.to(torch.float64)[..., None] * omega
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
 
 
 def sinusoidal_shift_matrix(
@@ -138,3 +144,26 @@ def fit_shift_map(table: torch.Tensor, k: int) -> tuple[torch.Tensor, float]:
     solution = torch.linalg.lstsq(x, y, driver="gelsd").solution  # y ≈ x @ solution
     residual = ((y - x @ solution).norm() / y.norm()).item() if y.norm() > 0 else 0.0
     return solution.T.contiguous().to(table.device), residual
+
+
+class SinusoidalPE(PositionalEncoding):
+    """Registry entry ``"sinusoidal"``: ``PE(position_ids)`` added to the token embeddings (§3.5).
+
+    Option ``sinusoidal_base`` (10000). Angles in float64, cast to the embeddings' dtype.
+    """
+
+    name = "sinusoidal"
+    place = "input"
+
+    def __init__(self, *, dim: int, sinusoidal_base: float = DEFAULT_SINUSOIDAL_BASE):
+        super().__init__()
+        self.dim = check_even("dim", dim)
+        self.sinusoidal_base = check_positive_float("sinusoidal_base", sinusoidal_base, greater_than=1.0)
+        self._omega = sinusoidal_frequencies(self.dim, self.sinusoidal_base)  # float64, moved on demand
+
+    def embed(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        omega = self._omega.to(position_ids.device)
+        return _rows(position_ids, omega).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, sinusoidal_base={self.sinusoidal_base:g}"

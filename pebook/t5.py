@@ -7,6 +7,12 @@ Half the buckets (per direction when bidirectional) are exact small offsets; the
 offsets up to ``max_distance`` on a logarithmic scale, and every larger offset shares the last
 bucket. The bucketing follows the reference ``_relative_position_bucket`` of Mesh TensorFlow
 (also in ``transformers``' ``T5Attention``).
+
+T5 computes the bias once, in the first layer, and every layer reuses it: one table per stack
+(§2.1: "we share the position embedding parameters across all layers"). Per-layer tables are the
+UMT5 variant. T5 also does not scale the logits by ``1/√d`` (it folds that into the
+initialisation of the query weights); :class:`pebook.MultiHeadAttention` takes ``scale=1.0``
+for that.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import torch
 from torch import nn
 
 from ._checks import check_int, check_int_tensor
+from .encoding import LogitBias
 
-__all__ = ["t5_relative_bucket", "T5RelativeBias"]
+__all__ = ["t5_relative_bucket", "T5RelativeBias", "T5PE"]
 
 
 def t5_relative_bucket(
@@ -51,12 +58,18 @@ def t5_relative_bucket(
             f"max_distance must exceed the {max_exact} exact buckets (num_buckets={num_buckets}, "
             f"bidirectional={bidirectional}), got max_distance={max_distance}"
         )
+    return _bucket(relative_position, bidirectional, num_buckets, max_distance)
 
-    buckets = torch.zeros_like(relative_position, dtype=torch.long)
+
+def _bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int) -> torch.Tensor:
+    """:func:`t5_relative_bucket` without argument checks (pointwise: usable in a ``score_mod``)."""
+    per_direction = num_buckets // 2 if bidirectional else num_buckets
+    max_exact = per_direction // 2
     if bidirectional:
-        buckets += (relative_position > 0).long() * per_direction
+        direction = (relative_position > 0).long() * per_direction
         distance = relative_position.abs()
     else:
+        direction = 0
         distance = (-relative_position).clamp(min=0)
     distance = distance.long()
     is_small = distance < max_exact
@@ -65,7 +78,7 @@ def t5_relative_bucket(
     log_ratio = torch.log(distance.clamp(min=max_exact).float() / max_exact) / math.log(max_distance / max_exact)
     if_large = max_exact + (log_ratio * (per_direction - max_exact)).long()
     if_large = if_large.clamp(max=per_direction - 1)
-    return buckets + torch.where(is_small, distance, if_large)
+    return direction + torch.where(is_small, distance, if_large)
 
 
 class T5RelativeBias(nn.Module):
@@ -99,3 +112,28 @@ class T5RelativeBias(nn.Module):
             f"n_heads={self.n_heads}, num_buckets={self.num_buckets}, max_distance={self.max_distance}, "
             f"bidirectional={self.bidirectional}"
         )
+
+
+class T5PE(LogitBias):
+    """Registry entry ``"t5"``: ``table[bucket(k_pos - q_pos), head]`` added to the logits.
+
+    Shared by all layers of a model (Raffel et al. 2020, §2.1). Buckets are bidirectional iff
+    ``causal=False``. Options ``num_buckets`` (32) and ``t5_max_distance`` (128).
+    """
+
+    name = "t5"
+    shared_across_layers = True
+
+    def __init__(self, *, n_heads: int, causal: bool = True, num_buckets: int = 32, t5_max_distance: int = 128):
+        super().__init__()
+        self.n_heads = check_int("n_heads", n_heads, minimum=1)
+        self.causal = bool(causal)
+        self.relative_bias = T5RelativeBias(n_heads, num_buckets, t5_max_distance, bidirectional=not causal)
+
+    def declared_parameters(self):
+        return {"relative_bias.bias.weight": ((self.relative_bias.num_buckets, self.n_heads), True)}
+
+    def score(self, head, q_pos, k_pos):
+        rb = self.relative_bias
+        buckets = _bucket(k_pos - q_pos, rb.bidirectional, rb.num_buckets, rb.max_distance)
+        return rb.bias.weight[buckets, head]

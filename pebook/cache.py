@@ -1,0 +1,90 @@
+"""The KV cache: keys and values of the tokens processed so far, per layer, with their positions.
+
+With a causal mask the key and value of a token never change once computed, so decoding feeds
+only the new token and reads the earlier keys and values from a cache (Shazeer 2019, "Fast
+Transformer Decoding: One Write-Head is All You Need", arXiv:1911.02150). RoPE keys are cached
+after rotation. The positions of the cached tokens are kept too (one ``(batch, length)`` int64
+tensor), because logit-bias and Shaw encodings need the key positions at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_float_tensor
+
+__all__ = ["KVCache"]
+
+
+class KVCache:
+    """Per-layer ``(keys, values)``, each ``(batch, n_kv_heads, length, head_dim)``, and ``positions``.
+
+    Behaves as a sequence of ``(k, v)`` pairs (``len(cache)`` is the number of layers,
+    ``cache[i]`` layer ``i``'s pair). A model returns a new cache at every step; caches are not
+    modified in place.
+    """
+
+    __slots__ = ("layers", "positions")
+
+    def __init__(self, layers, positions: torch.Tensor):
+        self.layers = tuple(layers)
+        self.positions = positions
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int):
+        return self.layers[layer]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    @property
+    def length(self) -> int:
+        """Number of cached tokens."""
+        return self.positions.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached keys and values (the positions, 8 bytes a token, are not counted)."""
+        return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
+
+    def __repr__(self) -> str:
+        if not self.layers:
+            return "KVCache(layers=0)"
+        return f"KVCache(layers={len(self.layers)}, keys={tuple(self.layers[0][0].shape)}, length={self.length})"
+
+    def check(self, *, n_layers: int, n_kv_heads: int, head_dim: int, batch: int | None, device, dtype) -> int:
+        """Check that this cache fits a model of this shape; return its length.
+
+        Checked once per step, by the public entry point: the number of layers, heads and head
+        size (a cache made by a model of another shape raises ``ValueError`` saying so), the
+        batch size (when given), equal lengths, the device and the dtype.
+        """
+        if len(self.layers) != n_layers:
+            raise ValueError(
+                f"past_kvs holds {len(self.layers)} layers but this model has n_layers={n_layers}: "
+                "the cache was made by another model"
+            )
+        length = self.positions.shape[1] if self.positions.dim() == 2 else -1
+        for layer, kv in enumerate(self.layers):
+            if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
+                raise TypeError(f"past_kvs[{layer}] must be a (k, v) pair, got {type(kv).__name__}")
+            for part, tensor in zip(("k", "v"), kv):
+                name = f"past_kvs[{layer}].{part}"
+                check_float_tensor(name, tensor, ndim=4)
+                b, h, n, d = tensor.shape
+                if (h, d) != (n_kv_heads, head_dim):
+                    raise ValueError(
+                        f"{name} has shape {tuple(tensor.shape)} but this model caches (batch, n_kv_heads={n_kv_heads}, "
+                        f"positions, head_dim={head_dim}): the cache was made by a model of another shape"
+                    )
+                if batch is not None and b != batch:
+                    raise ValueError(f"{name} holds batch size {b} but the new tokens have batch size {batch}")
+                if n != length:
+                    raise ValueError(f"{name} holds {n} positions but the cache's positions hold {length}")
+                if tensor.device != torch.device(device):
+                    raise ValueError(f"{name} is on {tensor.device} but the model is on {device}")
+                if tensor.dtype != dtype:
+                    raise TypeError(f"{name} has dtype {tensor.dtype} but the model computes in {dtype}")
+        return length
