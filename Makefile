@@ -2,9 +2,10 @@
 #
 #   make book    build the HTML book (every chapter executed on the CPU) and check
 #                the executed chapters against tests/notebooks/ (no second execution)
-#   make test    unit tests in tests/ + nbval on every chapter's reference notebook
+#   make test    ruff (lint + format check) on pebook/, tests/ and the chapters' code, then the
+#                unit tests in tests/ + nbval on every chapter's reference notebook
 #   make bless   re-execute every chapter on the CPU into tests/notebooks/
-#   make bench   python -m pebook.bench (uses CUDA when present)
+#   make bench   python -m pebook.book.bench (uses CUDA when present)
 #
 # Each target first makes sure .venv exists and holds requirements.txt + pebook (editable).
 
@@ -19,6 +20,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pebook-installed
 BUILD  := _build
 NBREFS := $(PY) tests/nbrefs.py
+RUFF   := $(VENV)/bin/ruff
+# What ruff lints and format-checks (settings in pyproject.toml). The chapters' code is checked
+# through tests/notebooks/*.ipynb, which `nbrefs.py check` has just found equal to book/*.md;
+# fix a finding in the chapter, then `make bless`.
+LINT   := pebook tests
 SANITIZE := tests/nbval_sanitize.cfg
 # Per-cell time limit (seconds) under nbval; _config.yml sets the same for the book.
 CELL_TIMEOUT := 120
@@ -40,10 +46,10 @@ book test bless check-refs: export PYDEVD_DISABLE_FILE_VALIDATION := 1
 help:
 	@echo "make book        build the book into $(BUILD)/html (CPU; a warning or cell error fails it), then"
 	@echo "                 compare the executed chapters with tests/notebooks"
-	@echo "make test        unit tests + nbval regression tests of tests/notebooks (what CI runs)"
+	@echo "make test        ruff, unit tests + nbval regression tests of tests/notebooks (what CI runs)"
 	@echo "make bless       re-execute every chapter on the CPU into tests/notebooks (CHAPTERS=... for some)"
 	@echo "make check-refs  only check that tests/notebooks is up to date with book/ and _toc.yml"
-	@echo "make bench       python -m pebook.bench"
+	@echo "make bench       python -m pebook.book.bench"
 	@echo "make venv        only create/update $(VENV)"
 	@echo "make clean       remove $(BUILD);  make distclean: also remove $(VENV)"
 
@@ -80,6 +86,8 @@ PYTEST := $(PY) -m pytest --nbval --nbval-current-env --nbval-cell-timeout=$(CEL
 
 test: $(STAMP)
 	$(NBREFS) check
+	$(RUFF) check $(LINT)
+	$(RUFF) format --check $(LINT)
 	@echo '$(PYTEST)'
 	@rc=0; $(PYTEST) || rc=$$?; \
 	if [ $$rc -eq 5 ] && [ -z "$$(find tests -name 'test_*.py' -o -name '*_test.py' -o -name '*.ipynb')" ]; then \
@@ -92,7 +100,7 @@ bless: $(STAMP)
 	$(NBREFS) bless --timeout $(CELL_TIMEOUT) $(CHAPTERS)
 
 bench: $(STAMP)
-	$(PY) -m pebook.bench
+	$(PY) -m pebook.book.bench
 
 clean:
 	rm -rf $(BUILD)

@@ -122,9 +122,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
             f"{h} query heads of q {tuple(q.shape)}, got {tuple(k.shape)}"
         )
     if v.shape[:3] != k.shape[:3]:
-        raise ValueError(
-            f"v must have shape (batch, heads, k_len) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}"
-        )
+        raise ValueError(f"v must have shape (batch, heads, k_len) = {tuple(k.shape[:3])} like k, got {tuple(v.shape)}")
     return b, h, lq, k.shape[2], d
 
 

@@ -63,7 +63,9 @@ def alibi_bias(
     device = slopes.device
     q_pos = torch.arange(offset, offset + q_len, device=device)
     k_pos = torch.arange(k_len, device=device)
-    return _alibi_score(slopes, torch.arange(slopes.numel(), device=device)[:, None, None], q_pos[:, None], k_pos, symmetric)
+    return _alibi_score(
+        slopes, torch.arange(slopes.numel(), device=device)[:, None, None], q_pos[:, None], k_pos, symmetric
+    )
 
 
 def _alibi_score(slopes, head, q_pos, k_pos, symmetric: bool) -> torch.Tensor:

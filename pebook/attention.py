@@ -12,6 +12,8 @@ attention are ``(batch, heads, seq, head_dim)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -27,8 +29,8 @@ __all__ = ["ENCODINGS", "positional_attention", "MultiHeadAttention"]
 def _check_scale(scale):
     if scale is None:
         return None
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-        raise ValueError(f"scale must be a number > 0 or None (for 1/sqrt(head_dim)), got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+        raise ValueError(f"scale must be a finite number > 0 or None (for 1/sqrt(head_dim)), got {scale!r}")
     return float(scale)
 
 
@@ -80,6 +82,11 @@ def positional_attention(
     _check_encoding_fits(encoding, h, d)
     scale = _check_scale(scale)
     q_pos, k_pos = default_positions(b, lq, lk, q.device, position_ids, key_position_ids)
+    if causal and lq > lk:  # the first queries would see no key at all
+        raise ValueError(
+            f"causal attention needs q_len <= k_len (the queries are the last q_len of the k_len stored keys), "
+            f"got q_len={lq}, k_len={lk}"
+        )
     q, k = encoding.rotate(q, q_pos), encoding.rotate(k, k_pos)
     mask = storage_causal_mask(lq, lk, q.device) if causal else None
     return encoding.attend(q, k, v, q_pos, k_pos, mask=mask, scale=scale)
@@ -167,7 +174,9 @@ class MultiHeadAttention(nn.Module):
         past_len = 0
         if past_kv is not None:
             if not isinstance(past_kv, KVCache):
-                raise TypeError(f"past_kv must be the KVCache returned with return_kv=True, got {type(past_kv).__name__}")
+                raise TypeError(
+                    f"past_kv must be the KVCache returned with return_kv=True, got {type(past_kv).__name__}"
+                )
             past_len = past_kv.check(
                 n_layers=1,
                 n_kv_heads=self.n_kv_heads,
@@ -191,8 +200,11 @@ class MultiHeadAttention(nn.Module):
         if embedded is not None:
             x = x + embedded
         hd = self.head_dim
-        q, k, v = self.qkv(x).view(b, t, -1, hd).transpose(1, 2).split(
-            (self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1
+        q, k, v = (
+            self.qkv(x)
+            .view(b, t, -1, hd)
+            .transpose(1, 2)
+            .split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
         )
         q, k = self.position.rotate(q, q_pos), self.position.rotate(k, q_pos)
         if past is not None:

@@ -76,8 +76,9 @@ class KVCache:
                 b, h, n, d = tensor.shape
                 if (h, d) != (n_kv_heads, head_dim):
                     raise ValueError(
-                        f"{name} has shape {tuple(tensor.shape)} but this model caches (batch, n_kv_heads={n_kv_heads}, "
-                        f"positions, head_dim={head_dim}): the cache was made by a model of another shape"
+                        f"{name} has shape {tuple(tensor.shape)} but this model caches "
+                        f"(batch, n_kv_heads={n_kv_heads}, positions, head_dim={head_dim}): "
+                        "the cache was made by a model of another shape"
                     )
                 if batch is not None and b != batch:
                     raise ValueError(f"{name} holds batch size {b} but the new tokens have batch size {batch}")

@@ -147,7 +147,8 @@ class TinyLM(nn.Module):
         if past_kvs is not None:
             if not isinstance(past_kvs, KVCache):
                 raise TypeError(
-                    f"past_kvs must be the KVCache returned by model(..., return_kv=True), got {type(past_kvs).__name__}"
+                    "past_kvs must be the KVCache returned by model(..., return_kv=True), "
+                    f"got {type(past_kvs).__name__}"
                 )
             past_len = past_kvs.check(
                 n_layers=self.n_layers,

@@ -176,7 +176,9 @@ def apply_rope(
 
 
 def rope_layout_permutation(dim: int, *, device=None) -> torch.Tensor:
-    """Feature order ``perm`` with ``apply_rope(x, p, f, "half") == apply_rope(x[..., perm], p, f, "interleaved")[..., inv]``.
+    """Feature order ``perm`` that turns the half-split layout into the interleaved one.
+
+    ``apply_rope(x, p, f, "half") == apply_rope(x[..., perm], p, f, "interleaved")[..., inv]``.
 
     ``perm = [0, d/2, 1, d/2 + 1, …]`` puts half-split pair ``(i, i + d/2)`` at interleaved slots
     ``(2i, 2i+1)``; ``inv = argsort(perm)`` undoes it.
@@ -257,7 +259,9 @@ class RoPE(PositionalEncoding):
         check_float_tensor("inv_freq", inv_freq, ndim=1)
         check_float_dtype("inv_freq.dtype", inv_freq.dtype, allowed=(torch.float32, torch.float64))
         if inv_freq.numel() != self.rotary_dim // 2:
-            raise ValueError(f"inv_freq must have rotary_dim/2 = {self.rotary_dim // 2} entries, got {inv_freq.numel()}")
+            raise ValueError(
+                f"inv_freq must have rotary_dim/2 = {self.rotary_dim // 2} entries, got {inv_freq.numel()}"
+            )
         self.attention_factor = check_positive_float("attention_factor", attention_factor)
         self.inv_freq = inv_freq.detach().to(self.inv_freq.device, self.inv_freq.dtype)
 

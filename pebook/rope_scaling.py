@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from numbers import Real
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -367,9 +368,7 @@ class WavelengthTable(NamedTuple):
     completes_period: torch.Tensor  #: ``λ_i <= L`` (``r_i >= 1``)
 
 
-def wavelength_table(
-    dim: int, base: float = DEFAULT_ROPE_BASE, *, train_length: int, device=None
-) -> WavelengthTable:
+def wavelength_table(dim: int, base: float = DEFAULT_ROPE_BASE, *, train_length: int, device=None) -> WavelengthTable:
     """The wavelength view of RoPE at training length ``L = train_length``.
 
     Pair ``i`` turns by ``θ_i`` per position, a full turn every ``λ_i = 2π/θ_i`` positions

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_attention_inputs, check_float_tensor, check_int, check_positions, check_same_placement
+from ._checks import check_attention_inputs, check_float_tensor, check_int, check_same_placement
 from .encoding import PositionalEncoding
 from .masking import causal_mask, default_positions, storage_causal_mask
 

@@ -103,7 +103,9 @@ class T5RelativeBias(nn.Module):
         k_len = check_int("k_len", k_len, minimum=0)
         offset = check_int("offset", offset, minimum=0)
         device = self.bias.weight.device
-        relative = torch.arange(k_len, device=device)[None, :] - torch.arange(offset, offset + q_len, device=device)[:, None]
+        relative = (
+            torch.arange(k_len, device=device)[None, :] - torch.arange(offset, offset + q_len, device=device)[:, None]
+        )
         buckets = t5_relative_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
         return self.bias(buckets).permute(2, 0, 1)
 

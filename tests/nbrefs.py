@@ -226,8 +226,7 @@ def check(_args) -> int:
     for ref in reference_files():
         if ref not in expected:
             problems.append(
-                f"{ref.relative_to(ROOT)} belongs to no chapter with code in _toc.yml; "
-                f"delete it (or {BLESS_HINT})"
+                f"{ref.relative_to(ROOT)} belongs to no chapter with code in _toc.yml; delete it (or {BLESS_HINT})"
             )
     if problems.report("Reference notebooks (tests/notebooks) are not up to date"):
         return 1

@@ -2,7 +2,7 @@
 
 The experiment behind Figure 1 of Press, Smith & Lewis (2022), "Train Short, Test Long",
 arXiv:2108.12409, at book scale. One byte-level :class:`pebook.TinyLM` is trained per positional
-encoding — the same data (:mod:`pebook.corpus`, the King James Bible), the same seed, the same
+encoding — the same data (:mod:`pebook.book.corpus`, the King James Bible), the same seed, the same
 budget, the same context length ``L`` (``train_len``) — and each is evaluated on held-out text
 read in contiguous windows of ``L × multiple`` tokens (``multiple`` in ``eval_multiples``). Every
 length scores exactly the same target tokens. The per-position loss at the longest length that
@@ -17,8 +17,8 @@ without and with a short fine-tune at the longer length.
 
 Command line (progress bars with tqdm; CUDA when present unless ``--device``)::
 
-    python -m pebook.experiments.extrapolation --preset full [--device cpu] [--run-dir DIR]
-                                               [--out results.json] [--resume]
+    python -m pebook.book.experiments.extrapolation --preset full [--device cpu] [--run-dir DIR]
+                                                    [--out results.json] [--resume]
 
 The run directory keeps a checkpoint of the encoding being trained (weights, optimizer,
 batch generator; every ``checkpoint_every`` steps and on Ctrl-C), each finished encoding's
@@ -27,7 +27,7 @@ interrupted run where it stopped and ends with the results of an uninterrupted o
 The results file (JSON) holds the preset and all its hyper-parameters, the seed, the device,
 library versions, wall time, training curves, losses per length and per position bucket, and
 the context-extension table. The full run's results ship with pebook as
-``pebook/data/extrapolation_full.json`` (:func:`load_results`).
+``pebook/book/data/extrapolation_full.json`` (:func:`load_results`).
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__ as PEBOOK_VERSION
+from ... import __version__ as PEBOOK_VERSION
+from ...registry import ENCODINGS
+from ...utils import default_device
 from .. import corpus
-from ..attention import ENCODINGS
 from ..training import TrainConfig, TrainState, build_model, evaluate_length, loss_by_bucket, train
-from ..utils import default_device
 
 __all__ = [
     "PRESETS",
@@ -73,7 +73,9 @@ SCHEMA = "pebook.extrapolation/1"
 RULES = ("default", "linear", "ntk", "dynamic_ntk", "yarn")
 
 _COMMON = dict(
-    encodings=ENCODINGS,
+    # pinned, not read from the registry: a preset is a fixed experiment (the committed full run
+    # records exactly these), and registering a new encoding must not change it
+    encodings=("none", "sinusoidal", "learned", "shaw", "t5", "rope", "alibi"),
     n_heads=4,
     lr=3e-3,
     min_lr_ratio=0.1,
@@ -153,7 +155,7 @@ def preset_config(preset: str, **overrides) -> dict:
         config[name] = tuple(config[name])
     bad = [e for e in config["encodings"] if e not in ENCODINGS]
     if bad:
-        raise ValueError(f"encodings must be among {ENCODINGS}, got {bad[0]!r}")
+        raise ValueError(f"encodings must be among {tuple(ENCODINGS)}, got {bad[0]!r}")
     bad = [r for r in config["rules"] if r not in RULES]
     if bad:
         raise ValueError(f"rules must be among {RULES}, got {bad[0]!r}")
@@ -166,7 +168,7 @@ def preset_config(preset: str, **overrides) -> dict:
 
 
 def train_config(config: dict) -> TrainConfig:
-    """The :class:`pebook.training.TrainConfig` of the main training runs of ``config``."""
+    """The :class:`pebook.book.training.TrainConfig` of the main training runs of ``config``."""
     return TrainConfig(
         steps=config["steps"],
         batch_size=config["batch_size"],
@@ -276,7 +278,7 @@ def evaluate_encoding(model, config: dict, *, multiples=None, device=None) -> di
 
 
 def _rule_frequencies(model, config: dict, rule: str, factor: int):
-    from ..rope_scaling import rope_scaling_frequencies
+    from ...rope_scaling import rope_scaling_frequencies
 
     attn = model.blocks[0].attn
     length = config["train_len"] * factor
@@ -353,7 +355,12 @@ def _device_info(device: torch.device) -> dict:
         name = torch.cuda.get_device_name(device)
     else:
         name = _cpu_model() or platform.processor() or platform.machine() or "cpu"
-    return {"device": str(device), "device_name": name, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    return {
+        "device": str(device),
+        "device_name": name,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def _cpu_model() -> str:
@@ -501,7 +508,9 @@ def run(
                     _write_json(ext_file, records)
                     save_meta()
 
-            ext_records = context_extension(rope_model, config, device=device, done=done, on_record=on_record, progress=progress)
+            ext_records = context_extension(
+                rope_model, config, device=device, done=done, on_record=on_record, progress=progress
+            )
     except KeyboardInterrupt:
         save_meta()
         raise
@@ -520,7 +529,7 @@ def run(
         "versions": _versions(),
         **meta_now,
         "data": {
-            "corpus": "King James Version of the Bible (pebook/data/kjv.txt.xz), byte-level tokens",
+            "corpus": "King James Version of the Bible (pebook/book/data/kjv.txt.xz), byte-level tokens",
             "vocab_size": corpus.VOCAB_SIZE,
             "held_out": f"every {corpus.HELD_OUT_EVERY}th chapter",
             "train_tokens": int(train_tokens.numel()),
@@ -563,27 +572,36 @@ def validate_results(results: dict) -> None:
             if "refused" in e:
                 need(isinstance(e["refused"], str) and e["refused"], f"{name}: empty refusal message")
             else:
-                need(math.isfinite(e["loss"]) and abs(e["ppl"] - math.exp(e["loss"])) < 1e-6 * e["ppl"], f"{name}: loss/ppl")
+                need(
+                    math.isfinite(e["loss"]) and abs(e["ppl"] - math.exp(e["loss"])) < 1e-6 * e["ppl"],
+                    f"{name}: loss/ppl",
+                )
         need(len(record["buckets"]["loss"]) == record["buckets"]["length"] // config["train_len"], f"{name}: buckets")
     ext = results.get("context_extension")
     if ext is not None:
         expected = {(r, f, ft) for r in config["rules"] for f in config["extension_factors"] for ft in (False, True)}
-        need({(r["rule"], r["factor"], r["finetuned"]) for r in ext} == expected and len(ext) == len(expected),
-             "context_extension must hold each rule × factor × finetuned once")
+        need(
+            {(r["rule"], r["factor"], r["finetuned"]) for r in ext} == expected and len(ext) == len(expected),
+            "context_extension must hold each rule × factor × finetuned once",
+        )
 
 
 def load_results(name: str = "extrapolation_full.json") -> dict:
-    """A results file shipped in ``pebook/data`` (default: the committed full run), validated."""
-    results = json.loads(resources.files("pebook").joinpath("data", name).read_text())
+    """A results file shipped in ``pebook/book/data`` (default: the committed full run), validated."""
+    results = json.loads(resources.files("pebook.book").joinpath("data", name).read_text())
     validate_results(results)
     return results
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pebook.experiments.extrapolation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pebook.book.experiments.extrapolation", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--preset", choices=tuple(PRESETS), default="full")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
-    parser.add_argument("--run-dir", default=None, help="checkpoints and partial results (default: ./extrapolation_<preset>)")
+    parser.add_argument(
+        "--run-dir", default=None, help="checkpoints and partial results (default: ./extrapolation_<preset>)"
+    )
     parser.add_argument("--out", default=None, help="results JSON (default: <run-dir>/results.json)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

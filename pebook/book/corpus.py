@@ -1,9 +1,9 @@
 """The book's training corpus: the King James Version of the Bible, shipped with pebook.
 
-The text (1611, public domain) lies in ``pebook/data/kjv.txt.xz``: 4,152,016 ASCII characters
+The text (1611, public domain) lies in ``pebook/book/data/kjv.txt.xz``: 4,152,016 ASCII characters
 in 1,189 chapters, one verse per line (verse numbers stripped), each chapter opened by its
 heading (``"Genesis 1"``) and separated from the next by a blank line. Its provenance is
-described in ``pebook/data/README.md``. Nothing is downloaded.
+described in ``pebook/book/data/README.md``. Nothing is downloaded.
 
 * **Tokens** are bytes: ``encode(text)`` is ``list(text.encode("ascii"))``, so the vocabulary
   has :data:`VOCAB_SIZE` = 256 entries, of which the corpus uses 73.
@@ -12,7 +12,8 @@ described in ``pebook/data/README.md``. Nothing is downloaded.
   whole book and shares its style without sharing a sentence with the training text.
 * **Batches**: :func:`random_windows` draws training windows at random offsets from a
   ``torch.Generator`` (deterministic given its seed); :func:`eval_windows` cuts the held-out
-  tokens into contiguous, non-overlapping windows, the non-overlapping evaluation of Press, Smith & Lewis (2022, arXiv:2108.12409).
+  tokens into contiguous, non-overlapping windows, the non-overlapping evaluation of Press, Smith &
+  Lewis (2022, arXiv:2108.12409).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from importlib import resources
 
 import torch
 
-from ._checks import check_int, check_int_tensor
+from .._checks import check_int, check_int_tensor
 
 __all__ = [
     "VOCAB_SIZE",
@@ -48,7 +49,7 @@ _SPLITS = ("train", "heldout")
 @lru_cache(maxsize=1)
 def load_text() -> str:
     """The whole corpus as one ``str`` (read once through ``importlib.resources``, then cached)."""
-    data = resources.files("pebook").joinpath("data", CORPUS_FILE).read_bytes()
+    data = resources.files("pebook.book").joinpath("data", CORPUS_FILE).read_bytes()
     return lzma.decompress(data).decode("ascii")
 
 
@@ -79,7 +80,9 @@ def encode(text: str) -> torch.Tensor:
     try:
         raw = text.encode("ascii")
     except UnicodeEncodeError as err:
-        raise ValueError(f"text must be ASCII (the corpus is), got {text[err.start:err.end]!r} at {err.start}") from err
+        raise ValueError(
+            f"text must be ASCII (the corpus is), got {text[err.start : err.end]!r} at {err.start}"
+        ) from err
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() if raw else torch.empty(0, dtype=torch.long)
 
 
@@ -87,7 +90,9 @@ def decode(tokens: torch.Tensor) -> str:
     """Inverse of :func:`encode`."""
     check_int_tensor("tokens", tokens, ndim=1)
     if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) > 127):
-        raise ValueError(f"tokens must be ASCII byte values in [0, 128), got [{int(tokens.min())}, {int(tokens.max())}]")
+        raise ValueError(
+            f"tokens must be ASCII byte values in [0, 128), got [{int(tokens.min())}, {int(tokens.max())}]"
+        )
     return bytes(tokens.tolist()).decode("ascii")
 
 

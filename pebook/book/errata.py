@@ -1,6 +1,6 @@
 """Run the source documents' code listings, so the errata can show what they really do.
 
-The listings in the folder ``pebook/seed_listings/`` (:data:`LISTINGS_DIR`) are quoted verbatim
+The listings in the folder ``pebook/book/seed_listings/`` (:data:`LISTINGS_DIR`) are quoted verbatim
 from the five source documents (only line breaks restored where a web scrape had collapsed them).
 They are stored as ``.txt`` files, not ``.py``: they are quoted data, not pebook code, and one of
 them (``002_2``, truncated mid-call in its source) is not even valid Python. :func:`run_listing`
@@ -27,7 +27,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .utils import seed_everything
+from ..utils import seed_everything
 
 __all__ = ["LISTINGS_DIR", "LISTING_SUFFIX", "ListingRun", "list_listings", "run_listing"]
 

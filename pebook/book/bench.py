@@ -1,6 +1,6 @@
 """Side-by-side benchmark: time and peak extra memory of pebook's fast paths against the direct formulas.
 
-Run ``python -m pebook.bench`` (or ``make bench``). For each sequence length it measures, in one
+Run ``python -m pebook.book.bench`` (or ``make bench``). For each sequence length it measures, in one
 run on one device,
 
 * ``shaw_attention`` (O(L·(2k+1) + L²) extra memory) against ``shaw_attention_naive``, which
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .rope import apply_rope, apply_rope_complex, rope_frequencies
-from .shaw import shaw_attention, shaw_attention_naive
+from ..rope import apply_rope, apply_rope_complex, rope_frequencies
+from ..shaw import shaw_attention, shaw_attention_naive
 
 __all__ = ["Measurement", "measure_pair", "run_benchmark", "format_table", "main"]
 
@@ -107,7 +107,11 @@ def _peak_in_worker(function: str, seq_len: int, head_dim: int, max_distance: in
     # glibc returns every block above 64 KiB to the system when freed, so RSS tracks live tensors
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     done = subprocess.run(
-        [sys.executable, "-m", "pebook.bench", "--worker", job], capture_output=True, text=True, env=env, check=False
+        [sys.executable, "-m", "pebook.book.bench", "--worker", job],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
     )
     if done.returncode != 0:
         raise RuntimeError(f"benchmark worker for {function} at L={seq_len} failed:\n{done.stderr}")
@@ -115,13 +119,20 @@ def _peak_in_worker(function: str, seq_len: int, head_dim: int, max_distance: in
 
 
 def measure_pair(
-    fast: str, reference: str, seq_len: int, *, head_dim: int = 64, max_distance: int = 128, device: str = "cpu",
+    fast: str,
+    reference: str,
+    seq_len: int,
+    *,
+    head_dim: int = 64,
+    max_distance: int = 128,
+    device: str = "cpu",
     repeats: int = 5,
 ) -> tuple[Measurement, Measurement]:
     """Time and peak extra memory of two functions on the same inputs, side by side.
 
-    Time: the best of at least ``repeats`` calls (more, up to 0.25 s, for cheap calls), the two functions alternating so that both see the same
-    machine load. Memory: on CPU in a fresh worker process per function, on CUDA from the allocator.
+    Time: the best of at least ``repeats`` calls (more, up to 0.25 s, for cheap calls), the two functions
+    alternating so that both see the same machine load. Memory: on CPU in a fresh worker process per
+    function, on CUDA from the allocator.
     """
     for name in (fast, reference):
         if name not in FUNCTIONS:
@@ -154,7 +165,10 @@ def run_benchmark(lengths=(256, 1024, 4096), *, head_dim=64, max_distance=128, d
 
     jobs = [(pair, seq_len) for seq_len in lengths for pair in PAIRS.values()]
     kwargs = dict(head_dim=head_dim, max_distance=max_distance, device=device, repeats=repeats)
-    return [measure_pair(fast, ref, seq_len, **kwargs) for (fast, ref), seq_len in tqdm(jobs, desc="benchmark", disable=not progress)]
+    return [
+        measure_pair(fast, ref, seq_len, **kwargs)
+        for (fast, ref), seq_len in tqdm(jobs, desc="benchmark", disable=not progress)
+    ]
 
 
 def _mib(n_bytes: int | None) -> str:
@@ -163,20 +177,24 @@ def _mib(n_bytes: int | None) -> str:
 
 def format_table(results) -> str:
     """The results as a text table, with reference/fast ratios of time and memory."""
-    header = f"{'L':>6}  {'function':<22}{'time ms':>10}{'peak MiB':>11}   {'vs':<22}{'time ms':>10}{'peak MiB':>11}{'time ×':>8}{'memory ×':>10}"
+    pair = f"{'time ms':>10}{'peak MiB':>11}"
+    header = f"{'L':>6}  {'function':<22}{pair}   {'vs':<22}{pair}{'time ×':>8}{'memory ×':>10}"
     lines = [header, "-" * len(header)]
     for fast, ref in results:
-        mem_ratio = ref.peak_extra_bytes / max(fast.peak_extra_bytes, 1)
+        if fast.peak_extra_bytes is None or ref.peak_extra_bytes is None:
+            mem_ratio = "n/a"
+        else:
+            mem_ratio = f"{ref.peak_extra_bytes / max(fast.peak_extra_bytes, 1):.1f}"
         lines.append(
             f"{fast.seq_len:>6}  {fast.function:<22}{fast.seconds * 1e3:>10.2f}{_mib(fast.peak_extra_bytes):>11}   "
             f"{ref.function:<22}{ref.seconds * 1e3:>10.2f}{_mib(ref.peak_extra_bytes):>11}"
-            f"{ref.seconds / fast.seconds:>8.1f}{mem_ratio:>10.1f}"
+            f"{ref.seconds / fast.seconds:>8.1f}{mem_ratio:>10}"
         )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pebook.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pebook.book.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--max-distance", type=int, default=128, help="Shaw's clipping distance k")
@@ -189,11 +207,11 @@ def main(argv=None) -> int:
         print(_peak_here(device="cpu", **json.loads(args.worker)))
         return 0
 
-    from .utils import default_device
+    from ..utils import default_device
 
     device = args.device or str(default_device())
     print(
-        f"pebook.bench on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads): "
+        f"pebook.book.bench on {device} (torch {torch.__version__}, {torch.get_num_threads()} threads): "
         f"head_dim={args.head_dim}, Shaw k={args.max_distance}, Shaw batch×heads=1×1, "
         f"RoPE batch×heads={ROPE_BATCH}×{ROPE_HEADS}; time = best of >= {args.repeats} alternating calls"
     )
@@ -203,7 +221,10 @@ def main(argv=None) -> int:
     print(format_table(results))
     shaw_longest = [pair for pair in results if pair[0].function == "shaw_attention"][-1]
     ratio = shaw_longest[1].peak_extra_bytes / max(shaw_longest[0].peak_extra_bytes, 1)
-    print(f"\nAt L={shaw_longest[0].seq_len}: the naive Shaw formula needs {ratio:.1f}× the peak extra memory of shaw_attention.")
+    print(
+        f"\nAt L={shaw_longest[0].seq_len}: the naive Shaw formula needs {ratio:.1f}× "
+        "the peak extra memory of shaw_attention."
+    )
     return 0
 
 

@@ -4,7 +4,7 @@
   gradient clipping, seed.
 * :func:`build_model` — a seeded ``TinyLM`` (same seed → same initial weights).
 * :func:`train` — next-token cross-entropy with AdamW (Loshchilov & Hutter 2019, arXiv:1711.05101) and gradient
-  clipping; batches come from :func:`pebook.corpus.random_windows` and a seeded generator.
+  clipping; batches come from :func:`pebook.book.corpus.random_windows` and a seeded generator.
   Everything the loop depends on (weights, optimizer moments, generator state, step, history)
   is in :class:`TrainState`, so a run saved mid-way and resumed ends in exactly the state of an
   uninterrupted run (bitwise on the same machine and thread count).
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_int, check_int_tensor, check_positive_float
+from .._checks import check_int, check_int_tensor, check_positive_float
+from ..model import TinyLM
 from .corpus import VOCAB_SIZE, eval_windows, random_windows
-from .model import TinyLM
 
 __all__ = [
     "TrainConfig",
@@ -108,7 +108,7 @@ class TrainState:
 def build_model(
     encoding: str, *, dim: int, n_layers: int, n_heads: int, max_positions: int, seed: int = 0, **options
 ) -> TinyLM:
-    """A byte-level ``TinyLM`` (vocabulary :data:`pebook.corpus.VOCAB_SIZE`) initialised from ``seed``.
+    """A byte-level ``TinyLM`` (vocabulary :data:`pebook.book.corpus.VOCAB_SIZE`) initialised from ``seed``.
 
     The global torch generator is re-seeded with ``seed`` and restored afterwards, so the
     weights depend on ``seed`` and the arguments only.
@@ -241,7 +241,7 @@ def per_position_loss(
 ) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) at each position of the windows: a float64 ``(length,)`` tensor.
 
-    ``inputs``/``targets`` are ``(windows, length)`` (from :func:`pebook.corpus.eval_windows`).
+    ``inputs``/``targets`` are ``(windows, length)`` (from :func:`pebook.book.corpus.eval_windows`).
     Raises what the model raises — e.g. ``ValueError`` from a learned table that is too short.
     """
     check_int_tensor("inputs", inputs, ndim=2)
@@ -266,7 +266,14 @@ def per_position_loss(
 
 
 def evaluate_length(
-    model: TinyLM, tokens: torch.Tensor, length: int, n_tokens: int, *, n_spans: int = 1, batch_size: int = 8, device=None
+    model: TinyLM,
+    tokens: torch.Tensor,
+    length: int,
+    n_tokens: int,
+    *,
+    n_spans: int = 1,
+    batch_size: int = 8,
+    device=None,
 ) -> dict:
     """Per-token loss of ``model`` on held-out ``tokens`` read in windows of ``length``.
 

@@ -1,8 +1,8 @@
 """Executable evidence for the Errata chapter.
 
 Each test proves one or more rows of the errata table (ids such as ``E000-05`` in the docstrings):
-either by running a code listing quoted from the source documents (pebook/seed_listings/*.txt, via
-:func:`pebook.errata.run_listing`) and asserting what really happens, or by evaluating a claimed
+either by running a code listing quoted from the source documents (pebook/book/seed_listings/*.txt, via
+:func:`pebook.book.errata.run_listing`) and asserting what really happens, or by evaluating a claimed
 formula or property next to the correct one from pebook. CPU only, seeded, explicit tolerances.
 """
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pebook import (
+    ALiBi,
     LearnedPositionalEmbedding,
     MultiHeadAttention,
     TinyLM,
@@ -35,7 +36,7 @@ from pebook import (
     sinusoidal_frequencies,
     sinusoidal_shift_matrix,
 )
-from pebook.errata import LISTING_SUFFIX, LISTINGS_DIR, ListingRun, list_listings, run_listing
+from pebook.book.errata import LISTING_SUFFIX, LISTINGS_DIR, ListingRun, list_listings, run_listing
 
 CPU_ONLY = not torch.cuda.is_available()
 # The line of listing 000_1 that overwrites nn.MultiheadAttention with nn.Linear.
@@ -94,7 +95,7 @@ def test_listings_are_quoted_data_not_package_code():
     assert files == [f"{name}.txt" for name in list_listings()]
     assert not list(LISTINGS_DIR.glob("*.py"))
     with pytest.raises(ModuleNotFoundError):
-        __import__("pebook.seed_listings.003_3_rotary_attention")
+        __import__("pebook.book.seed_listings.003_3_rotary_attention")
     # one of them is not even valid Python: it is truncated in its source document
     with pytest.raises(SyntaxError):
         compile((LISTINGS_DIR / "002_2_positional_encoding_truncated.txt").read_text(encoding="utf-8"), "002_2", "exec")
@@ -113,7 +114,8 @@ def test_000_listing_crashes_name_error_math():
 
 
 def test_000_listing_next_crash_self_attn_overwritten_by_linear():
-    """E000-21: after adding ``import math`` the nn.Linear that replaced nn.MultiheadAttention is called with q, k, v, attn_mask."""
+    """E000-21: after adding ``import math`` the nn.Linear that replaced nn.MultiheadAttention is called with q, k, v,
+    attn_mask."""
     run = run_listing("000_1", overrides={"math": math})
     assert run.error_type == "TypeError"
     assert "unexpected keyword argument 'attn_mask'" in run.error_message
@@ -123,7 +125,8 @@ def test_000_listing_next_crash_self_attn_overwritten_by_linear():
 
 
 def test_000_listing_prints_nothing_and_real_output_is_3d():
-    """E000-23, E000-24, E000-27: the script has no print(); once repaired its output is (10, 20, 512), not one printed row."""
+    """E000-23, E000-24, E000-27: the script has no print(); once repaired its output is (10, 20, 512), not one printed
+    row."""
     run = _repaired_000()
     assert run.stdout == ""
     out = run.namespace["src"]
@@ -152,7 +155,8 @@ def test_000_printed_output_is_a_repeating_pattern_unlike_real_output():
 
 
 def test_000_doc_formula_is_not_vaswani():
-    """E000-05, V002-1, V004-1: PE_i = sin(i/10000^(2l/d)) + cos(i/10000^(2(l+1)/d)) vs Vaswani's PE(pos, 2i), PE(pos, 2i+1)."""
+    """E000-05, V002-1, V004-1: PE_i = sin(i/10000^(2l/d)) + cos(i/10000^(2(l+1)/d)) vs Vaswani's PE(pos, 2i), PE(pos,
+    2i+1)."""
     i, l, d = 1, 0, 4
     doc = math.sin(i / 10000 ** (2 * l / d)) + math.cos(i / 10000 ** (2 * (l + 1) / d))
     assert doc == pytest.approx(1.841421, abs=1e-6)  # > 1: cannot be a sine or cosine value
@@ -169,7 +173,8 @@ def _doc_pe(n: int, d: int) -> torch.Tensor:
 
 
 def test_000_same_frequency_pairs_make_shifts_linear_doc_formula_does_not():
-    """E000-07, E000-18, E002-12: sin and cos of the SAME frequency give PE(p+k) = M_k PE(p); the doc's mixed frequencies do not."""
+    """E000-07, E000-18, E002-12: sin and cos of the SAME frequency give PE(p+k) = M_k PE(p); the doc's mixed
+    frequencies do not."""
     k, d = 3, 8
     for table, bound in ((sinusoidal_encoding(400, d, dtype=torch.float64), 1e-10), (_doc_pe(400, d), None)):
         x, y = table[:-k], table[k:]
@@ -215,7 +220,8 @@ def test_000_identity_chain_values_at_i1_l0_d4():
 
 
 def test_000_sin_and_cos_both_have_period_2pi_and_pe_wavelengths():
-    """E000-06, E000-13, E002-10, E002-11, E004-02: cos has period 2π (not 4π); PE column pair i has wavelength 2π·10000^(2i/d)."""
+    """E000-06, E000-13, E002-10, E002-11, E004-02: cos has period 2π (not 4π); PE column pair i has wavelength
+    2π·10000^(2i/d)."""
     x = torch.linspace(-10, 10, 101, dtype=torch.float64)
     torch.testing.assert_close(torch.cos(x + 2 * math.pi), torch.cos(x), atol=1e-12, rtol=0)
     torch.testing.assert_close(torch.sin(x + 2 * math.pi), torch.sin(x), atol=1e-12, rtol=0)
@@ -245,7 +251,8 @@ def test_000_no_high_frequency_vanishing():
 
 
 def test_000_causal_mask_prevents_leakage_at_any_length():
-    """E000-12: 'information leakage' is about the causal mask, not sequence length: future tokens never change past logits."""
+    """E000-12: 'information leakage' is about the causal mask, not sequence length: future tokens never change past
+    logits."""
     model = TinyLM(vocab_size=50, dim=32, n_layers=2, n_heads=4, max_positions=64, encoding="sinusoidal").eval()
     for length in (16, 64):
         tokens = torch.randint(0, 50, (1, length))
@@ -279,7 +286,8 @@ def test_000_listing_residual_branch_starts_after_layernorm():
 
 
 def test_000_listing_pe_is_added_and_is_vaswani_contradicting_its_own_formula():
-    """E000-09, E000-19, V000-1: the code adds (not concatenates) the correct Vaswani table, contradicting §3.1's formula."""
+    """E000-09, E000-19, V000-1: the code adds (not concatenates) the correct Vaswani table, contradicting §3.1's
+    formula."""
     ns = _repaired_000().namespace
     pos = ns["PositionalEncoding"](16, dropout=0.0, max_len=200)
     torch.testing.assert_close(pos.pe[:, 0, :], sinusoidal_encoding(200, 16), atol=1e-4, rtol=0)
@@ -303,7 +311,8 @@ def test_001_listing_crashes_on_cuda():
 
 
 def test_001_listing_next_crash_linear_on_integer_offsets():
-    """E001-21, E001-29: with 'cuda' -> 'cpu' (our change) nn.Linear(512, 512) is applied to an int64 (128, 128) tensor."""
+    """E001-21, E001-29: with 'cuda' -> 'cpu' (our change) nn.Linear(512, 512) is applied to an int64 (128,
+    128) tensor."""
     run = run_listing("001_1", cuda_to_cpu=True)
     assert run.modifications == ("CUDA device strings replaced by 'cpu'",)
     assert run.error_type == "RuntimeError"
@@ -324,7 +333,8 @@ def test_001_listing_offsets_are_i_minus_j_plus_1():
 
 
 def test_001_listing_mask_is_all_ones_and_doubles_the_embedding():
-    """E001-10, E001-11, E001-13, E001-22, E001-23, E001-26, E001-27: attn_mask[max_len-max_len:] = 1 fills the whole mask, so output = 2·emb(pos) + Linear(rel_pos)."""
+    """E001-10, E001-11, E001-13, E001-22, E001-23, E001-26, E001-27: attn_mask[max_len-max_len:] = 1 fills the whole
+    mask, so output = 2·emb(pos) + Linear(rel_pos)."""
     cls = run_listing("001_1", cuda_to_cpu=True).namespace["RelativePositionalEncoding"]
     module = cls(8, 8)  # d_model == max_len is the only shape for which forward runs at all
     rel, pos = torch.randn(8, 8), torch.arange(8)
@@ -349,7 +359,8 @@ def test_001_zero_grad_does_not_initialise_parameters():
 
 
 def test_001_linear_map_of_a_scalar_offset_is_affine():
-    """E001-12: Linear(Δ) + Bias of a scalar Δ is Δ·w + b, so q·e(Δ) is linear (monotone) in Δ, unlike a learned table."""
+    """E001-12: Linear(Δ) + Bias of a scalar Δ is Δ·w + b, so q·e(Δ) is linear (monotone) in Δ, unlike a
+    learned table."""
     linear = torch.nn.Linear(1, 16)
     deltas = torch.arange(-5, 6, dtype=torch.float32)[:, None]
     with torch.no_grad():
@@ -363,7 +374,8 @@ def test_001_linear_map_of_a_scalar_offset_is_affine():
 
 
 def test_001_worked_example_does_not_compute():
-    """E001-16, E001-17, E001-18: (0..5) + (0.2, 0.4, 0.6) is a shape error; the stated result matches no broadcasting rule."""
+    """E001-16, E001-17, E001-18: (0..5) + (0.2, 0.4, 0.6) is a shape error; the stated result matches no broadcasting
+    rule."""
     pe, emb = torch.tensor([0.0, 1, 2, 3, 4, 5]), torch.tensor([0.2, 0.4, 0.6])
     with pytest.raises(RuntimeError, match="must match the size"):
         pe + emb
@@ -386,7 +398,8 @@ def test_001_absolute_pe_is_linear_in_length_relative_naive_is_quadratic():
 
 
 def test_001_without_position_attention_is_permutation_equivariant():
-    """E000-02, E000-03, E001-01, E001-06, E001-09, E004-01: positions fix order-blindness, not length: with no PE, permuting tokens permutes outputs."""
+    """E000-02, E000-03, E001-01, E001-06, E001-09, E004-01: positions fix order-blindness, not length: with no PE,
+    permuting tokens permutes outputs."""
     attn = MultiHeadAttention(32, 4, "none", causal=False).eval()
     x, perm = torch.randn(1, 9, 32), torch.randperm(9)
     with torch.no_grad():
@@ -406,7 +419,11 @@ def test_002_listings_truncated_and_import_only():
     imports = run_listing("002_1")
     assert imports.ok
     assert {k for k in imports.namespace if not k.startswith("__")} == {
-        "math", "torch", "nn", "TransformerEncoder", "TransformerEncoderLayer"
+        "math",
+        "torch",
+        "nn",
+        "TransformerEncoder",
+        "TransformerEncoderLayer",
     }
 
 
@@ -486,7 +503,8 @@ def test_003_pe_difference_depends_on_both_positions_its_norm_on_the_offset():
 
 
 def test_003_relative_listing_is_shaw_key_term_only():
-    """E001-03, E001-10, E003-09, E003-15, V003-3: softmax(listing scores) @ V equals Shaw et al. with a^V = 0, and differs once the value term is used."""
+    """E001-03, E001-10, E003-09, E003-15, V003-3: softmax(listing scores) @ V equals Shaw et al. with a^V = 0, and
+    differs once the value term is used."""
     cls = run_listing("003_2").namespace["RelativeAttentionScore"]
     length, d, k = 7, 8, 3
     module = cls(d, max_len=k)
@@ -495,14 +513,17 @@ def test_003_relative_listing_is_shaw_key_term_only():
         scores, _ = _quiet(module, q, key)
         ours = scores.softmax(-1) @ v
         rel_k = module.relative_embeddings.weight
-        keys_only = shaw_attention(q[:, None], key[:, None], v[:, None], rel_k, torch.zeros_like(rel_k), k, causal=False)
+        keys_only = shaw_attention(
+            q[:, None], key[:, None], v[:, None], rel_k, torch.zeros_like(rel_k), k, causal=False
+        )
         both = shaw_attention(q[:, None], key[:, None], v[:, None], rel_k, torch.randn_like(rel_k), k, causal=False)
     torch.testing.assert_close(ours, keys_only[:, 0], atol=1e-5, rtol=0)
     assert (ours - both[:, 0]).abs().max() > 0.1
 
 
 def test_003_relative_listing_prints_and_gathers_an_L_by_L_by_d_tensor():
-    """E003-07, E003-08, E003-10: forward prints the offset matrix on every call and materialises (L, L, d) embeddings."""
+    """E003-07, E003-08, E003-10: forward prints the offset matrix on every call and materialises (L, L, d)
+    embeddings."""
     cls = run_listing("003_2").namespace["RelativeAttentionScore"]
     module, shapes = cls(8, max_len=2), []
     module.relative_embeddings.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
@@ -514,16 +535,24 @@ def test_003_relative_listing_prints_and_gathers_an_L_by_L_by_d_tensor():
 
 
 def test_003_printed_clipping_example_is_consistent():
-    """E001-03, E003-11, E004-07, V003-2: the labelled matrices printed in the text agree with clamp(j - i, -2, 2) + 2."""
+    """E001-03, E003-11, E004-07, V003-2: the labelled matrices printed in the text agree with clamp(j - i,
+    -2, 2) + 2."""
     r = torch.arange(5)
     rel = r[None, :] - r[:, None]
     clipped = rel.clamp(-2, 2)
-    assert clipped.tolist() == [[0, 1, 2, 2, 2], [-1, 0, 1, 2, 2], [-2, -1, 0, 1, 2], [-2, -2, -1, 0, 1], [-2, -2, -2, -1, 0]]
+    assert clipped.tolist() == [
+        [0, 1, 2, 2, 2],
+        [-1, 0, 1, 2, 2],
+        [-2, -1, 0, 1, 2],
+        [-2, -2, -1, 0, 1],
+        [-2, -2, -2, -1, 0],
+    ]
     assert torch.equal(clipped + 2, relative_position_index(5, 5, 2))
 
 
 def test_003_relative_listing_far_embeddings_never_trained_at_max_len_equal_to_train_len():
-    """E003-12, V003-4: trained on L = max_relative_position, offsets ±k never occur, so rows 0 and 2k get zero gradient."""
+    """E003-12, V003-4: trained on L = max_relative_position, offsets ±k never occur, so rows 0 and 2k get zero
+    gradient."""
     k, d = 6, 8
     module = run_listing("003_2").namespace["RelativeAttentionScore"](d, max_len=k)
     x = torch.randn(3, k, d)  # training sequences of length L = k, as in '512 and 512'
@@ -580,7 +609,8 @@ def test_003_rope_listing_is_not_a_rotation():
 
 
 def test_003_rope_listing_has_no_position_offset_and_a_hard_length_limit():
-    """E003-18, E003-19, E003-20: one new token is always 'position 0' (a pure permutation), and seq_len > max_len crashes."""
+    """E003-18, E003-19, E003-20: one new token is always 'position 0' (a pure permutation), and seq_len > max_len
+    crashes."""
     enc = run_listing("003_3").namespace["RotaryPositionalEncoding"](8, max_len=64)
     x = torch.randn(1, 1, 1, 8)
     torch.testing.assert_close(enc(x), torch.cat([x[..., 0::2], x[..., 1::2]], -1), atol=0, rtol=0)
@@ -624,7 +654,9 @@ def test_003_rope_long_term_decay_is_not_monotone():
     assert score[0].item() == pytest.approx(d) and score[300].item() < 0.5 * d
     assert score[50].item() > score[40].item() + 3 and score[100].item() > score[80].item() + 3
     random_q, random_k = torch.randn(2000, d, dtype=torch.float64), torch.randn(2000, d, dtype=torch.float64)
-    near = (apply_rope(random_q, torch.full((2000,), 1), inv_freq) * apply_rope(random_k, torch.zeros(2000), inv_freq)).sum(-1)
+    near = (
+        apply_rope(random_q, torch.full((2000,), 1), inv_freq) * apply_rope(random_k, torch.zeros(2000), inv_freq)
+    ).sum(-1)
     assert abs(near.mean().item()) < 1.0  # random q, k: no built-in preference for near keys
 
 
@@ -638,7 +670,8 @@ def test_003_rope_adds_no_parameters():
 
 
 def test_004_sinusoidal_pe_is_absolute_every_position_unique():
-    """E003-03, E003-05, E004-03, E004-14: sinusoidal PE identifies each absolute position: all 100 000 rows distinct (distance ≥ 1.47)."""
+    """E003-03, E003-05, E004-03, E004-14: sinusoidal PE identifies each absolute position: all 100 000 rows distinct
+    (distance ≥ 1.47)."""
     pe = sinusoidal_encoding(100_000, 64, dtype=torch.float64)
     # ||PE(p) - PE(q)|| depends only on p - q, so the distances to row 0 cover every pair
     distances = (pe[1:] - pe[0]).norm(dim=1)
@@ -646,7 +679,8 @@ def test_004_sinusoidal_pe_is_absolute_every_position_unique():
 
 
 def test_004_sinusoidal_pe_carries_relative_information():
-    """E000-18, E002-12, E004-06, E004-10, E004-16: PE(p)·PE(q) depends only on p - q, and PE(p + k) = M_k PE(p) with M_k a rotation."""
+    """E000-18, E002-12, E004-06, E004-10, E004-16: PE(p)·PE(q) depends only on p - q, and PE(p + k) = M_k PE(p) with
+    M_k a rotation."""
     pe = sinusoidal_encoding(64, 32, dtype=torch.float64)
     gram = pe @ pe.T
     for offset in (1, 5, 17):
@@ -658,14 +692,14 @@ def test_004_sinusoidal_pe_carries_relative_information():
 
 
 def test_004_rope_uses_the_sinusoidal_frequencies_so_cannot_fix_their_periodicity():
-    """E004-10, E004-15: RoPE's θ_i equal the sinusoidal ω_i, and neither encoding repeats (see the 100 000-row test)."""
-    torch.testing.assert_close(
-        rope_frequencies(128, dtype=torch.float64), sinusoidal_frequencies(128), atol=0, rtol=0
-    )
+    """E004-10, E004-15: RoPE's θ_i equal the sinusoidal ω_i, and neither encoding repeats (see the 100
+    000-row test)."""
+    torch.testing.assert_close(rope_frequencies(128, dtype=torch.float64), sinusoidal_frequencies(128), atol=0, rtol=0)
 
 
 def test_004_rope_rotates_queries_and_keys_deterministically():
-    """E004-09, E004-12, E004-13, E004-17, V003-7: RoPE rotates q and k (norm kept, scores depend on m - n); no randomness, no 'augmentation'."""
+    """E004-09, E004-12, E004-13, E004-17, V003-7: RoPE rotates q and k (norm kept, scores depend on m - n); no
+    randomness, no 'augmentation'."""
     inv_freq = rope_frequencies(16)
     q, k = torch.randn(1, 16), torch.randn(1, 16)
     rq = lambda m: apply_rope(q, torch.tensor([m]), inv_freq)  # noqa: E731
@@ -673,7 +707,9 @@ def test_004_rope_rotates_queries_and_keys_deterministically():
     assert float(rq(9) @ rk(4).T) == pytest.approx(float(rq(105) @ rk(100).T), abs=1e-4)
     assert rq(9).norm().item() == pytest.approx(q.norm().item(), abs=1e-5)
     assert torch.equal(rq(9), rq(9))
-    torch.testing.assert_close(apply_rope_complex(q, torch.tensor([9]), inv_freq), apply_rope(q, torch.tensor([9]), inv_freq, "interleaved"))
+    torch.testing.assert_close(
+        apply_rope_complex(q, torch.tensor([9]), inv_freq), apply_rope(q, torch.tensor([9]), inv_freq, "interleaved")
+    )
 
 
 def test_004_learned_absolute_embedding_cannot_extrapolate():
@@ -685,7 +721,8 @@ def test_004_learned_absolute_embedding_cannot_extrapolate():
 
 
 def test_004_alibi_is_an_additive_bias_not_a_multiplier():
-    """E004-30, E004-31: ALiBi adds -m·(i - j) to the logits; multiplying the weights by the bias matrix is not a distribution."""
+    """E004-30, E004-31: ALiBi adds -m·(i - j) to the logits; multiplying the weights by the bias matrix is not a
+    distribution."""
     heads, length = 2, 6
     bias = alibi_bias(length, length, alibi_slopes(heads))
     assert bias.shape == (heads, length, length)  # one (L, L) matrix per head, different slopes
@@ -711,7 +748,7 @@ def test_004_alibi_biases_attention_towards_recent_tokens():
     slopes = alibi_slopes(heads)
     q = k = torch.zeros(1, heads, length, 4)
     v = torch.eye(length).expand(1, heads, length, length).contiguous()  # output rows = attention weights
-    weights = positional_attention(q, k, v, "alibi", slopes=slopes)[0]
+    weights = positional_attention(q, k, v, ALiBi(n_heads=heads, slopes=slopes))[0]
     last = weights[:, -1]  # the last query sees all 8 keys
     ratio = last[:, 1:] / last[:, :-1]
     torch.testing.assert_close(ratio, slopes.exp()[:, None].expand(heads, length - 1), atol=1e-4, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""pebook.plotting: the figures hold exactly the data they were given.
+"""pebook.book.plotting: the figures hold exactly the data they were given.
 
 Each test checks the data behind the figure (image arrays, colour limits, line data, labels),
 not pixels. Figures are closed after every test.
@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from pebook import plot_heatmap, plot_heatmaps, plot_lines
+from pebook.book.plotting import plot_heatmap, plot_heatmaps, plot_lines
 
 
 @pytest.fixture(autouse=True)

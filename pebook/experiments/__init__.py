@@ -1,6 +1,0 @@
-"""Experiments that train models: runnable as ``python -m pebook.experiments.<name>``.
-
-* :mod:`pebook.experiments.extrapolation` — train short, test long: one ``TinyLM`` per positional
-  encoding trained at one length and evaluated at up to 16× that length (the experiment of
-  Press, Smith & Lewis 2022, Fig. 1), plus RoPE context extension.
-"""

@@ -1,0 +1,90 @@
+"""pebook.book.training: the seeded training loop, its schedule, resumption and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pebook.book import corpus
+from pebook.book.training import (
+    TrainConfig,
+    build_model,
+    evaluate_length,
+    learning_rate,
+    loss_by_bucket,
+    per_position_loss,
+    train,
+)
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(steps=100, batch_size=1, seq_len=4, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(0.1) and learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down the cosine
+    assert learning_rate(100, cfg) == pytest.approx(0.1) and learning_rate(500, cfg) == pytest.approx(0.1)
+    const = TrainConfig(steps=100, batch_size=1, seq_len=4, lr=0.5, warmup_steps=4, schedule="constant")
+    assert [learning_rate(s, const) for s in (0, 3, 4, 99)] == [0.125, 0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(steps=1, batch_size=1, seq_len=1, schedule="step")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        TrainConfig(steps=1, batch_size=1, seq_len=1, min_lr_ratio=2.0)
+
+
+def test_build_model_is_seeded_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = build_model("rope", dim=16, n_layers=1, n_heads=2, max_positions=8, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b = build_model("rope", dim=16, n_layers=1, n_heads=2, max_positions=8, seed=1)
+    c = build_model("rope", dim=16, n_layers=1, n_heads=2, max_positions=8, seed=2)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.token_embedding.weight, c.token_embedding.weight)
+
+
+def test_training_lowers_the_loss_and_per_position_loss_matches_cross_entropy(device):
+    tokens = corpus.corpus_tokens("train")[:20_000]
+    model = build_model("alibi", dim=16, n_layers=1, n_heads=2, max_positions=16).to(device)
+    cfg = TrainConfig(steps=30, batch_size=8, seq_len=16, lr=1e-2, warmup_steps=3, log_every=10)
+    state = train(model, tokens, cfg, device=device)
+    assert state.step == 30 and [s for s, _ in state.history] == [10, 20, 30]
+    assert state.history[-1][1] < state.history[0][1] < math.log(256) + 0.5
+    x, y = corpus.eval_windows(tokens, 16, 64, n_spans=2)
+    per_pos = per_position_loss(model, x, y, batch_size=3)
+    assert per_pos.dtype == torch.float64 and per_pos.shape == (16,)
+    with torch.no_grad():
+        logits = model(x.to(device))
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), y.to(device).flatten())
+    assert float(per_pos.mean()) == pytest.approx(float(full), rel=1e-5)
+
+
+def test_interrupted_training_resumes_to_the_same_state():
+    tokens = corpus.corpus_tokens("train")[:20_000]
+    cfg = TrainConfig(steps=8, batch_size=4, seq_len=8, lr=1e-2, warmup_steps=2, log_every=3)
+    make = lambda: build_model("t5", dim=16, n_layers=1, n_heads=2, max_positions=8)  # noqa: E731
+    whole = train(make(), tokens, cfg)
+    saved = []
+    part = train(make(), tokens, cfg, stop_after=5, checkpoint=lambda s: saved.append(s.step), checkpoint_every=2)
+    assert part.step == 5 and saved == [2, 4]
+    resumed = train(make(), tokens, cfg, state=part)
+    assert resumed.step == 8 and resumed.history == whole.history
+    assert all(torch.equal(resumed.model[k], whole.model[k]) for k in whole.model)
+
+
+def test_learned_model_past_its_table_is_refused_not_crashed():
+    model = build_model("learned", dim=16, n_layers=1, n_heads=2, max_positions=8)
+    heldout = corpus.corpus_tokens("heldout")
+    ok = evaluate_length(model, heldout, 8, 32)
+    assert set(ok) == {"length", "loss", "ppl", "per_position"} and len(ok["per_position"]) == 8
+    refused = evaluate_length(model, heldout, 16, 32)
+    assert set(refused) == {"length", "refused"}
+    assert "beyond this learned table" in refused["refused"] and "max_positions=8" in refused["refused"]
+
+
+def test_loss_by_bucket():
+    assert loss_by_bucket([1.0, 3.0, 5.0, 7.0, 9.0], 2) == [2.0, 6.0, 9.0]
+    with pytest.raises(ValueError, match="bucket"):
+        loss_by_bucket([1.0], 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        loss_by_bucket([], 2)
