@@ -133,6 +133,9 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = dim // n_heads
         self.causal = bool(causal)
         self.scale = _check_scale(scale)
+        # projections first, then the encoding: the order in which parameters draw their initial values
+        self.qkv = nn.Linear(dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
         if isinstance(encoding, PositionalEncoding):
             if encoding_options:
                 raise TypeError("options go to the encoding's constructor; an encoding module takes none here")
@@ -148,8 +151,6 @@ class MultiHeadAttention(nn.Module):
                 **encoding_options,
             )
         self.encoding = self.position.name
-        self.qkv = nn.Linear(dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
 
     def set_rope_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
         """Give this layer's rotary encoding new frequencies (see :mod:`pebook.rope_scaling`)."""
