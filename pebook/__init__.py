@@ -54,7 +54,7 @@ from .sinusoidal import (
 from .t5 import T5PE, T5RelativeBias, t5_relative_bucket
 from .utils import default_device, seed_everything
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ALiBi",
