@@ -99,8 +99,10 @@ class MultiHeadAttention(nn.Module):
     Shaw, ``rope_base`` / ``rope_layout`` / ``rotary_dim`` for RoPE, ``num_buckets`` /
     ``t5_max_distance`` for T5, ``max_positions`` for learned, go in ``**encoding_options``), or
     an encoding module to share with other layers (T5's one table per stack). ``n_kv_heads``
-    (default ``n_heads``) must divide ``n_heads``. ``scale`` multiplies the logits (``None``:
-    ``1/√head_dim``; T5 uses 1.0). ``bias``: biases in the projections.
+    (default ``n_heads``) must divide ``n_heads``; ``head_dim`` defaults to ``dim // n_heads``
+    (T5-11B and some Llama-family configs use heads that do not fill ``dim``). ``scale``
+    multiplies the logits (``None``: ``1/√head_dim``; T5 uses 1.0). ``bias``: biases in the
+    projections.
 
     Projections: ``qkv`` maps ``dim`` to ``(n_heads + 2·n_kv_heads)·head_dim`` features (queries,
     then keys, then values, each head-major) and ``out`` maps ``n_heads·head_dim`` back to ``dim``.
@@ -117,6 +119,7 @@ class MultiHeadAttention(nn.Module):
         encoding: str | PositionalEncoding = "none",
         *,
         n_kv_heads: int | None = None,
+        head_dim: int | None = None,
         causal: bool = True,
         scale: float | None = None,
         bias: bool = True,
@@ -125,17 +128,17 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.dim = check_int("dim", dim, minimum=1)
         self.n_heads = check_int("n_heads", n_heads, minimum=1)
-        if dim % n_heads:
-            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads}")
+        if head_dim is None and dim % n_heads:
+            raise ValueError(f"dim={dim} must be divisible by n_heads={n_heads} (or give head_dim)")
         self.n_kv_heads = self.n_heads if n_kv_heads is None else check_int("n_kv_heads", n_kv_heads, minimum=1)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        self.head_dim = dim // n_heads
+        self.head_dim = dim // n_heads if head_dim is None else check_int("head_dim", head_dim, minimum=1)
         self.causal = bool(causal)
         self.scale = _check_scale(scale)
         # projections first, then the encoding: the order in which parameters draw their initial values
         self.qkv = nn.Linear(dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=bias)
-        self.out = nn.Linear(dim, dim, bias=bias)
+        self.out = nn.Linear(self.n_heads * self.head_dim, dim, bias=bias)
         if isinstance(encoding, PositionalEncoding):
             if encoding_options:
                 raise TypeError("options go to the encoding's constructor; an encoding module takes none here")
@@ -212,7 +215,7 @@ class MultiHeadAttention(nn.Module):
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
         mask = storage_causal_mask(t, k.shape[2], x.device) if self.causal else None
         out = self.position.attend(q, k, v, q_pos, k_pos, mask=mask, scale=self.scale, bias=bias)
-        return self.out(out.transpose(1, 2).reshape(b, t, self.dim)), (k, v)
+        return self.out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (k, v)
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, causal={self.causal}, scale={self.scale}"
