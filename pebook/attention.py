@@ -34,13 +34,15 @@ def _check_scale(scale):
     return float(scale)
 
 
-def _check_encoding_fits(position: PositionalEncoding, heads: int, head_dim: int) -> None:
-    n_heads = getattr(position, "n_heads", heads)
-    if n_heads != heads:
-        raise ValueError(f"the {position.name} encoding has n_heads={n_heads} but q has {heads} heads")
-    enc_head_dim = getattr(position, "head_dim", head_dim)
-    if enc_head_dim != head_dim:
-        raise ValueError(f"the {position.name} encoding has head_dim={enc_head_dim} but q has head_dim={head_dim}")
+def _check_encoding_fits(position: PositionalEncoding, heads: int, head_dim: int, causal: bool, dim=None) -> None:
+    """An encoding module built for another layer shape (heads, head size, width, causality) is refused."""
+    wanted = {"n_heads": heads, "head_dim": head_dim, "causal": causal, "dim": dim}
+    for name, value in wanted.items():
+        built = getattr(position, name, value)
+        if value is not None and built != value:
+            raise ValueError(
+                f"the {position.name} encoding was built with {name}={built!r}, but this attention has {value!r}"
+            )
 
 
 def positional_attention(
@@ -79,7 +81,7 @@ def positional_attention(
             f"the {encoding.name} encoding is added to the token embeddings, not inside attention; "
             "use MultiHeadAttention or add encoding.embed(...) to the input"
         )
-    _check_encoding_fits(encoding, h, d)
+    _check_encoding_fits(encoding, h, d, bool(causal))
     scale = _check_scale(scale)
     q_pos, k_pos = default_positions(b, lq, lk, q.device, position_ids, key_position_ids)
     if causal and lq > lk:  # the first queries would see no key at all
@@ -142,7 +144,7 @@ class MultiHeadAttention(nn.Module):
         if isinstance(encoding, PositionalEncoding):
             if encoding_options:
                 raise TypeError("options go to the encoding's constructor; an encoding module takes none here")
-            _check_encoding_fits(encoding, self.n_heads, self.head_dim)
+            _check_encoding_fits(encoding, self.n_heads, self.head_dim, self.causal, self.dim)
             self.position = encoding
         else:
             self.position = build_encoding(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_float_tensor
+from ._checks import check_float_tensor, check_int_tensor
 
 __all__ = ["KVCache"]
 
@@ -66,7 +66,10 @@ class KVCache:
                 f"past_kvs holds {len(self.layers)} layers but this model has n_layers={n_layers}: "
                 "the cache was made by another model"
             )
-        length = self.positions.shape[1] if self.positions.dim() == 2 else -1
+        check_int_tensor("past_kvs.positions", self.positions, ndim=2)
+        length = self.positions.shape[1]
+        if self.positions.device != torch.device(device):
+            raise ValueError(f"past_kvs.positions is on {self.positions.device} but the model is on {device}")
         for layer, kv in enumerate(self.layers):
             if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
                 raise TypeError(f"past_kvs[{layer}] must be a (k, v) pair, got {type(kv).__name__}")
@@ -88,4 +91,8 @@ class KVCache:
                     raise ValueError(f"{name} is on {tensor.device} but the model is on {device}")
                 if tensor.dtype != dtype:
                     raise TypeError(f"{name} has dtype {tensor.dtype} but the model computes in {dtype}")
+        if batch is not None and self.positions.shape[0] != batch:
+            raise ValueError(
+                f"past_kvs.positions has shape {tuple(self.positions.shape)} but the new tokens have batch size {batch}"
+            )
         return length

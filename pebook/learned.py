@@ -70,6 +70,7 @@ class LearnedPE(PositionalEncoding):
     def __init__(self, *, dim: int, max_positions: int, init_std: float = DEFAULT_INIT_STD):
         super().__init__()
         self.table = LearnedPositionalEmbedding(max_positions, dim, init_std=init_std)
+        self.dim = self.table.dim
 
     def declared_parameters(self):
         return {"table.weight": ((self.table.max_positions, self.table.dim), True)}

@@ -91,6 +91,8 @@ def _check_rope_inputs(x, positions, inv_freq, rotary_dim=None) -> int:
             )
     else:
         raise ValueError(f"positions must be (seq,) or (batch, seq), got shape {tuple(positions.shape)}")
+    if rotary_dim is None and dim % 2:  # name what the caller gave: x, not a rotary_dim they did not pass
+        raise ValueError(f"x must have an even head_dim (x.shape[-1]; features rotate in pairs), got {dim}")
     rotary_dim = dim if rotary_dim is None else check_int("rotary_dim", rotary_dim, minimum=2)
     if rotary_dim % 2 or rotary_dim > dim:
         raise ValueError(f"rotary_dim must be even and at most head_dim={dim}, got {rotary_dim}")
@@ -239,12 +241,15 @@ class RoPE(PositionalEncoding):
         self.head_dim = check_int("head_dim", head_dim, minimum=1)
         if rope_layout not in ROPE_LAYOUTS:
             raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {rope_layout!r}")
+        if rotary_dim is None and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim (features rotate in pairs), got head_dim={self.head_dim}")
         rotary_dim = self.head_dim if rotary_dim is None else check_int("rotary_dim", rotary_dim, minimum=2)
         if rotary_dim % 2 or rotary_dim > self.head_dim:
             raise ValueError(f"rope needs an even rotary_dim <= head_dim={self.head_dim}, got rotary_dim={rotary_dim}")
         self.rope_layout = rope_layout
         self.rotary_dim = rotary_dim
         self.attention_factor = 1.0
+        rope_base = check_positive_float("rope_base", rope_base, greater_than=1.0)  # named as the option
         self.register_buffer("inv_freq", rope_frequencies(rotary_dim, rope_base), persistent=False)
 
     def declared_parameters(self):

@@ -130,6 +130,7 @@ class T5PE(LogitBias):
         super().__init__()
         self.n_heads = check_int("n_heads", n_heads, minimum=1)
         self.causal = bool(causal)
+        t5_max_distance = check_int("t5_max_distance", t5_max_distance, minimum=1)  # named as the option
         self.relative_bias = T5RelativeBias(n_heads, num_buckets, t5_max_distance, bidirectional=not causal)
 
     def declared_parameters(self):

@@ -2,8 +2,14 @@
 
 Everything in the "references" section below is written from the papers' equations (or, where
 a paper defers to code, from the published reference code, quoted) and never calls pebook.
-Tests reach it through the ``ref`` fixture, so each reference exists once and every module's
-tests compare pebook against the same independent implementation.
+The generic layer references after it (``ref.positional_attention``, ``ref.mha``, ``ref.block``,
+``ref.tiny_lm``) know no encoding by name: they write out the layers' plumbing in float64 and
+take from the encoding module only what its declared ``place`` contributes. Tests reach all of
+them through the ``ref`` fixture, so each reference exists once.
+
+Encodings come from the registry (``pebook.ENCODINGS``): the ``encoding_name`` fixture and
+``example_options(name)`` give every registered encoding with small valid options, so a new
+encoding is tested by every generic test without editing them.
 
 Devices: the ``device`` fixture runs a test on ``cpu`` and on ``cuda``; the ``cuda`` variant is
 marked ``cuda`` (declared in pyproject.toml) and skipped when no GPU is present. TF32 is turned
@@ -15,6 +21,8 @@ or ``thorough`` (``HYPOTHESIS_PROFILE=thorough``: more examples, random seeds).
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import os
 from types import SimpleNamespace
@@ -57,6 +65,45 @@ def device(request) -> torch.device:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("CUDA not available")
     return torch.device(request.param)
+
+
+# --------------------------------------------------------------------------------------------
+# encodings: every test that iterates over encodings reads the registry, never a list of names
+# --------------------------------------------------------------------------------------------
+
+import pebook  # noqa: E402
+
+ENCODING_NAMES = tuple(pebook.ENCODINGS)
+BIAS_ENCODINGS = tuple(n for n, c in pebook.ENCODINGS.items() if issubclass(c, pebook.LogitBias))
+
+
+def example_options(name: str) -> dict:
+    """The registry's small, valid options for ``name`` (a copy, safe to modify)."""
+    return dict(pebook.ENCODINGS[name].example_options)
+
+
+def layer_options(name: str) -> dict:
+    """Options for ``MultiHeadAttention(..., name, **options)`` / ``TinyLM``: the example options."""
+    return example_options(name)
+
+
+def model_options(name: str) -> dict:
+    """Options for ``TinyLM(..., name, **options)``: the example options minus those TinyLM takes
+    itself (``max_positions``, which it hands to an encoding that has that option)."""
+    own = inspect.signature(pebook.TinyLM).parameters
+    return {k: v for k, v in example_options(name).items() if k not in own}
+
+
+@pytest.fixture(params=ENCODING_NAMES)
+def encoding_name(request) -> str:
+    """Each registered encoding, by name."""
+    return request.param
+
+
+@pytest.fixture(params=BIAS_ENCODINGS)
+def bias_encoding_name(request) -> str:
+    """Each registered logit-bias encoding (a :class:`pebook.LogitBias`), by name."""
+    return request.param
 
 
 @pytest.fixture
@@ -256,92 +303,148 @@ def attention_ref(q, k, v, bias=None, causal: bool = True, offset: int | None = 
     return torch.softmax(scores, dim=-1) @ v
 
 
-def positional_attention_ref(q, k, v, encoding, params, causal: bool = True, offset: int | None = None):
-    """float64 reference of attention with one encoding, assembled from the references above the
-    way each paper combines its encoding with softmax(QKᵀ/√d) V:
+# --------------------------------------------------------------------------------------------
+# generic float64 references of the layers: the plumbing around any encoding
+# --------------------------------------------------------------------------------------------
+#
+# These know no encoding by name. From an encoding module they take only what its declared
+# ``place`` (pebook/encoding.py) contributes, evaluated on a float64 copy of the module:
+#
+#   "input"      encoding.embed(position_ids)          added to the input of the layer / model
+#   "qk"         encoding.rotate(x, position_ids)      applied to queries and keys
+#   "logits"     encoding.logit_bias(q_pos, k_pos)     added to the logits
+#   "key_value"  a^K_ij, a^V_ij = rows clip(j - i, ±k) + k of the module's two tables, added to
+#                the keys and the values (Shaw et al. 2018, eqs. 3-6, materialised here)
+#
+# and write out everything else themselves: the projections, the split into heads, grouped-query
+# heads, the scale, the storage-order causal mask, softmax, residuals, LayerNorm, MLP and
+# unembedding. Each encoding's own hook is checked against its paper reference above in that
+# encoding's test module, so the two together cover the layers end to end.
 
-    * none / sinusoidal / learned: plain attention (absolute encodings enter at the input);
-    * rope: attention of R_{Θ,m} q_m over R_{Θ,n} k_n (RoFormer eq. 14);
-    * alibi: bias -m_h (i - j) on the logits (Press et al. §3);
-    * t5: bias table[bucket(j - i)] on the logits, bidirectional iff not causal (Raffel et al. §2.1);
-    * shaw: eqs. (3)-(6) of Shaw et al.
 
-    ``params`` uses positional_attention's keyword names (inv_freq/layout, slopes,
-    bias_table/max_distance, rel_k/rel_v/max_distance).
+def float64_encoding(encoding):
+    """A float64 copy of an encoding module (``None`` stays ``None``); the module itself is untouched."""
+    return None if encoding is None else copy.deepcopy(encoding).to(torch.float64)
+
+
+def _ids(ids, batch: int, default: range, device) -> torch.Tensor:
+    """Position ids as ``(batch, len)`` int64: given as ``(len,)`` or ``(batch, len)``, else ``default``."""
+    ids = torch.tensor(list(default)) if ids is None else ids
+    ids = ids.to(device=device, dtype=torch.long)
+    return ids.expand(batch, -1) if ids.dim() == 1 else ids
+
+
+def positional_attention_ref(
+    q, k, v, encoding=None, *, causal: bool = True, position_ids=None, key_position_ids=None, scale=None
+):
+    """softmax(Q Kᵀ · scale + bias) V in float64 with one encoding module's contribution (by place).
+
+    ``q`` ``(batch, heads, q_len, d)``; ``k``, ``v`` ``(batch, kv_heads, k_len, d)``: query head
+    ``j`` reads key/value head ``j // (heads / kv_heads)`` (grouped-query attention, Ainslie et
+    al. 2023). Positions: ``(len,)`` or ``(batch, len)``; by default keys ``0 … k_len - 1`` and
+    queries the last ``q_len`` of them. The causal mask follows storage order: query ``i`` sees
+    keys ``j <= k_len - q_len + i`` whatever the positions. ``scale`` defaults to ``1/√d``.
     """
     q, k, v = q.double(), k.double(), v.double()
-    params = {
-        n: (p.double() if isinstance(p, torch.Tensor) and p.is_floating_point() else p) for n, p in params.items()
-    }
-    lq, lk = q.shape[-2], k.shape[-2]
-    offset = lk - lq if offset is None else offset
-    bias = None
-    if encoding == "rope":
-        theta = params["inv_freq"].cpu()
-        layout = params.get("layout", "half")
-        q = rope_ref(q, range(offset, offset + lq), theta, layout)
-        k = rope_ref(k, range(lk), theta, layout)
-    elif encoding == "alibi":
-        bias = alibi_bias_ref(lq, lk, params["slopes"].tolist(), offset).to(q.device)
-    elif encoding == "t5":
-        table = params["bias_table"]
-        relative = torch.arange(lk)[None, :] - torch.arange(offset, offset + lq)[:, None]  # j - i
-        buckets = t5_bucket_ref(relative, not causal, table.shape[0], params.get("max_distance", 128))
-        bias = table[buckets.to(q.device)].permute(2, 0, 1)
-    elif encoding == "shaw":
-        return shaw_ref(q, k, v, params["rel_k"], params["rel_v"], params["max_distance"], causal, offset)
-    return attention_ref(q, k, v, bias, causal, offset)
+    b, h, lq, d = q.shape
+    kv_heads, lk = k.shape[1], k.shape[2]
+    q_pos = _ids(position_ids, b, range(lk - lq, lk), q.device)
+    k_pos = _ids(key_position_ids, b, range(lk), q.device)
+    group = torch.arange(h, device=q.device) // (h // kv_heads)
+    k, v = k[:, group], v[:, group]
+    enc = float64_encoding(encoding)
+    place = "none" if enc is None else enc.place
+    bias = a_k = a_v = None
+    if place == "qk":
+        q, k = enc.rotate(q, q_pos), enc.rotate(k, k_pos)
+    elif place == "logits":
+        bias = enc.logit_bias(q_pos, k_pos)
+    elif place == "key_value":
+        clip = enc.max_distance
+        rows = (k_pos[:, None, :] - q_pos[:, :, None]).clamp(-clip, clip) + clip  # (b, lq, lk)
+        a_k, a_v = enc.rel_k[rows], enc.rel_v[rows]  # (b, lq, lk, d)
+    elif place not in ("none", "input"):  # "input" enters before the projections (mha_ref, tiny_lm_ref)
+        raise ValueError(f"no reference for place {place!r}")
+    scores = torch.einsum("bhid,bhjd->bhij", q, k)
+    if a_k is not None:
+        scores = scores + torch.einsum("bhid,bijd->bhij", q, a_k)  # q_i · a^K_ij, eq. (4)
+    scores = scores * (d**-0.5 if scale is None else scale)
+    if bias is not None:
+        scores = scores + bias
+    if causal:
+        scores = scores.masked_fill(~causal_mask_ref(lq, lk, lk - lq).to(q.device), float("-inf"))
+    alpha = torch.softmax(scores, dim=-1)
+    out = alpha @ v
+    if a_v is not None:
+        out = out + torch.einsum("bhij,bijd->bhid", alpha, a_v)  # Σ_j α_ij a^V_ij, eq. (3)
+    return out
 
 
-def mha_ref(mha, x, *, past_len: int = 0):
-    """pebook.MultiHeadAttention written out with its own parameters (float64): x (+ absolute
-    encoding at positions past_len…) → q, k, v projections split into heads → positional
-    attention reference → output projection. No past keys (past_len only shifts positions)."""
+def _linear(layer, x):
+    """``x Wᵀ + b`` in float64 with ``layer``'s weight (and bias, if it has one)."""
+    out = x @ layer.weight.double().T
+    return out if layer.bias is None else out + layer.bias.double()
+
+
+def mha_ref(mha, x, position_ids=None):
+    """pebook.MultiHeadAttention written out with its own parameters, float64, no cache.
+
+    x (+ an input encoding's rows) → one ``qkv`` projection whose output features are
+    ``[n_heads query heads | n_kv_heads key heads | n_kv_heads value heads]``, each head-major
+    → :func:`positional_attention_ref` with the layer's encoding, mask and scale → ``out``.
+    Tokens are at ``position_ids`` (default ``0 … seq - 1``).
+    """
     b, t, dim = x.shape
     x = x.double()
-    if mha.encoding == "sinusoidal":
-        x = x + sinusoidal_table_ref(t, dim, mha.sinusoidal_base, past_len).to(x.device)
-    elif mha.encoding == "learned":
-        x = x + mha.position_embedding.weight[past_len : past_len + t].double()
-    w, bias = mha.qkv.weight.double(), mha.qkv.bias.double()
-    heads = lambda m: m.reshape(b, t, mha.n_heads, mha.head_dim).transpose(1, 2)  # noqa: E731
-    q, k, v = (heads(x @ w[i * dim : (i + 1) * dim].T + bias[i * dim : (i + 1) * dim]) for i in range(3))
-    params = {}
-    if mha.encoding == "rope":
-        params = {"inv_freq": mha.inv_freq, "layout": mha.rope_layout}
-    elif mha.encoding == "alibi":
-        params = {"slopes": mha.slopes}
-    elif mha.encoding == "t5":
-        params = {"bias_table": mha.t5_bias.bias.weight, "max_distance": mha.t5_bias.max_distance}
-    elif mha.encoding == "shaw":
-        params = {"rel_k": mha.rel_k, "rel_v": mha.rel_v, "max_distance": mha.max_distance}
-    encoding = "none" if mha.encoding in ("sinusoidal", "learned") else mha.encoding
-    out = positional_attention_ref(q, k, v, encoding, params, mha.causal, 0)
-    return out.transpose(1, 2).reshape(b, t, dim) @ mha.out.weight.double().T + mha.out.bias.double()
+    pos = _ids(position_ids, b, range(t), x.device)
+    if mha.position.place == "input":
+        x = x + float64_encoding(mha.position).embed(pos, torch.float64)
+    hd, nq, nkv = mha.head_dim, mha.n_heads, mha.n_kv_heads
+    proj = _linear(mha.qkv, x)
+    q, k, v = proj.split((nq * hd, nkv * hd, nkv * hd), dim=-1)
+    heads = lambda m, n: m.reshape(b, t, n, hd).transpose(1, 2)  # noqa: E731
+    out = positional_attention_ref(
+        heads(q, nq),
+        heads(k, nkv),
+        heads(v, nkv),
+        mha.position,
+        causal=mha.causal,
+        position_ids=pos,
+        key_position_ids=pos,
+        scale=mha.scale,
+    )
+    return _linear(mha.out, out.transpose(1, 2).reshape(b, t, nq * hd))
 
 
-def tiny_lm_ref(model, tokens, *, sinusoidal_base: float = 10000.0):
-    """pebook.TinyLM written out (float64): token embedding (+ absolute encoding once), then per
-    block the pre-LN residual updates x + attn(LN(x)), x + W2 GELU(W1 LN(x) + b1) + b2 (GPT-2
-    style, Radford et al. 2019), a final LayerNorm and the unembedding."""
-    t = tokens.shape[1]
-    x = model.token_embedding.weight.double()[tokens]
-    if model.encoding == "sinusoidal":
-        x = x + sinusoidal_table_ref(t, model.dim, sinusoidal_base).to(x.device)
-    elif model.encoding == "learned":
-        x = x + model.position_embedding.weight[:t].double()
-    ln = lambda norm, h: F.layer_norm(h, (model.dim,), norm.weight.double(), norm.bias.double(), norm.eps)  # noqa: E731
+def block_ref(block, x, position_ids=None):
+    """pebook.TransformerBlock written out (float64): pre-LN residual updates x + attn(LN(x)),
+    then x + W2 GELU(W1 LN(x) + b1) + b2 (GPT-2 style, Radford et al. 2019)."""
+    x = x.double()
+    ln = lambda norm, h: F.layer_norm(h, h.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)  # noqa: E731
+    x = x + mha_ref(block.attn, ln(block.attn_norm, x), position_ids)
+    first, last = block.mlp[0], block.mlp[2]
+    return x + _linear(last, F.gelu(_linear(first, ln(block.mlp_norm, x))))
+
+
+def tiny_lm_ref(model, tokens, position_ids=None):
+    """pebook.TinyLM written out (float64): token embedding, plus the model's input encoding if it
+    has one (once, at the input), the blocks (:func:`block_ref`), a final LayerNorm and the
+    unembedding. Tokens are at ``position_ids`` (default ``0 … seq - 1``)."""
+    b, t = tokens.shape
+    pos = _ids(position_ids, b, range(t), tokens.device)
+    x = model.token_embedding.weight.double()[tokens.long()]
+    if model.encoding_module.place == "input":
+        x = x + float64_encoding(model.encoding_module).embed(pos, torch.float64)
     for block in model.blocks:
-        x = x + mha_ref(block.attn, ln(block.attn_norm, x))
-        first, last = block.mlp[0], block.mlp[2]
-        hidden = F.gelu(ln(block.mlp_norm, x) @ first.weight.double().T + first.bias.double())
-        x = x + hidden @ last.weight.double().T + last.bias.double()
-    return ln(model.final_norm, x) @ model.lm_head.weight.double().T
+        x = block_ref(block, x, pos)
+    norm = model.final_norm
+    x = F.layer_norm(x, x.shape[-1:], norm.weight.double(), norm.bias.double(), norm.eps)
+    return _linear(model.lm_head, x)
 
 
 @pytest.fixture(scope="session")
 def ref() -> SimpleNamespace:
-    """The float64 paper references above, as ``ref.shaw(...)``, ``ref.t5_bucket(...)``, …"""
+    """The float64 references above, as ``ref.shaw(...)``, ``ref.t5_bucket(...)``, ``ref.mha(...)``, …"""
     return SimpleNamespace(
         sinusoidal_table=sinusoidal_table_ref,
         frequencies=frequencies_ref,
@@ -358,5 +461,7 @@ def ref() -> SimpleNamespace:
         attention=attention_ref,
         positional_attention=positional_attention_ref,
         mha=mha_ref,
+        block=block_ref,
+        float64_encoding=float64_encoding,
         tiny_lm=tiny_lm_ref,
     )

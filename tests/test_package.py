@@ -2,6 +2,8 @@
 
 import pathlib
 import re
+import subprocess
+import sys
 
 import pebook
 
@@ -20,11 +22,23 @@ def test_version_matches_pyproject():
 
 
 def test_every_export_is_used_by_some_test():
-    """A new public name without a test fails here (its name must appear in a tests/test_*.py)."""
-    sources = "\n".join(p.read_text() for p in TESTS.glob("test_*.py") if p.name != "test_package.py")
+    """A new public name without a test fails here (its name must appear in a tests/**/test_*.py)."""
+    sources = "\n".join(p.read_text() for p in TESTS.rglob("test_*.py") if p != TESTS / "test_package.py")
     untested = [name for name in pebook.__all__ if not re.search(rf"\b{re.escape(name)}\b", sources)]
     assert untested == []
 
 
-def test_encodings_constant():
-    assert pebook.ENCODINGS == ("none", "sinusoidal", "learned", "shaw", "t5", "rope", "alibi")
+def test_encodings_registry():
+    """``ENCODINGS`` maps each name to its encoding class, whose ``name`` is that key."""
+    assert isinstance(pebook.ENCODINGS, dict)
+    assert tuple(pebook.ENCODINGS) == ("none", "sinusoidal", "learned", "shaw", "t5", "rope", "alibi")
+    for name, cls in pebook.ENCODINGS.items():
+        assert isinstance(cls, type) and issubclass(cls, pebook.PositionalEncoding), name
+        assert cls.name == name and cls.place in pebook.PLACES, name
+
+
+def test_import_is_light():
+    """``import pebook`` is the library only: no matplotlib, no book support code, no data."""
+    code = "import pebook, sys; assert 'matplotlib' not in sys.modules and 'pebook.book' not in sys.modules"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

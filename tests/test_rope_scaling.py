@@ -162,8 +162,9 @@ def test_rules_match_their_formulas(device, d, base, s, L):
 
 @pytest.mark.parametrize("d,base,s,L", CASES + [(32, 10000.0, 16.0, 4096), (128, 1e6, 4.0, 32768)])
 def test_yarn_transformers_ramp_matches_transformers(device, d, base, s, L):
-    got, factor = cpu64(yarn_frequencies(d, base, factor=s, original_max_positions=L, ramp="transformers",
-                                         dtype=F64, device=device))
+    got, factor = cpu64(
+        yarn_frequencies(d, base, factor=s, original_max_positions=L, ramp="transformers", dtype=F64, device=device)
+    )
     expected, expected_factor = yarn_transformers_ref(d, base, s, L)
     torch.testing.assert_close(got, expected, **TIGHT)
     assert factor == expected_factor
@@ -172,12 +173,34 @@ def test_yarn_transformers_ramp_matches_transformers(device, d, base, s, L):
 @pytest.mark.parametrize("d,base,L", [(64, 10000.0, 2048), (128, 500000.0, 8192), (16, 10000.0, 100)])
 @pytest.mark.parametrize("beta_fast,beta_slow", [(32.0, 1.0), (16.0, 2.0), (64.0, 0.5)])
 def test_yarn_options_reach_the_formula(device, d, base, L, beta_fast, beta_slow):
-    got, _ = cpu64(rope_scaling_frequencies("yarn", d, base, factor=3.0, original_max_positions=L, dtype=F64,
-                                            device=device, beta_fast=beta_fast, beta_slow=beta_slow))
+    got, _ = cpu64(
+        rope_scaling_frequencies(
+            "yarn",
+            d,
+            base,
+            factor=3.0,
+            original_max_positions=L,
+            dtype=F64,
+            device=device,
+            beta_fast=beta_fast,
+            beta_slow=beta_slow,
+        )
+    )
     torch.testing.assert_close(got, t64(yarn_paper_ref(d, base, 3.0, L, alpha=beta_slow, beta=beta_fast)), **TIGHT)
-    got, _ = cpu64(rope_scaling_frequencies("yarn", d, base, factor=3.0, original_max_positions=L, dtype=F64,
-                                            device=device, beta_fast=beta_fast, beta_slow=beta_slow,
-                                            ramp="transformers"))
+    got, _ = cpu64(
+        rope_scaling_frequencies(
+            "yarn",
+            d,
+            base,
+            factor=3.0,
+            original_max_positions=L,
+            dtype=F64,
+            device=device,
+            beta_fast=beta_fast,
+            beta_slow=beta_slow,
+            ramp="transformers",
+        )
+    )
     torch.testing.assert_close(got, yarn_transformers_ref(d, base, 3.0, L, beta_fast, beta_slow)[0], **TIGHT)
 
 
@@ -185,8 +208,9 @@ def test_yarn_options_reach_the_formula(device, d, base, L, beta_fast, beta_slow
 def test_dynamic_ntk_is_transformers_dynamic_at_factor_one(device, d, base, L):
     for seq_len in (None, 1, L, 2 * L, 7 * L + 3):
         expected = dynamic_ntk_transformers_ref(d, base, seq_len, L, factor=1.0)
-        got, _ = cpu64(dynamic_ntk_frequencies(d, base, seq_len=seq_len or L, original_max_positions=L,
-                                               dtype=F64, device=device))
+        got, _ = cpu64(
+            dynamic_ntk_frequencies(d, base, seq_len=seq_len or L, original_max_positions=L, dtype=F64, device=device)
+        )
         torch.testing.assert_close(got, t64(expected), **TIGHT)
 
 
@@ -309,8 +333,9 @@ def test_every_rule_slows_rotation_and_keeps_the_order_of_pairs(device, d, base,
     out = {}
     for rule in RULES:
         extra = {"ramp": ramp} if rule == "yarn" else {}
-        inv_freq, factor = rope_scaling_frequencies(rule, d, base, factor=s, original_max_positions=L, seq_len=seq_len,
-                                                    dtype=F64, device=device, **extra)
+        inv_freq, factor = rope_scaling_frequencies(
+            rule, d, base, factor=s, original_max_positions=L, seq_len=seq_len, dtype=F64, device=device, **extra
+        )
         inv_freq = out[rule] = inv_freq.cpu()
         assert (inv_freq > 0).all() and (inv_freq.diff() < 0).all(), rule
         assert (inv_freq <= default * (1 + 1e-12)).all(), rule
@@ -343,8 +368,9 @@ def test_yarn_transformers_ramp_agrees_with_the_paper_outside_the_ramp(device, d
     the code's correction range is not reversed (see the next test)."""
     low, high = find_correction_range(32, 1, d, base, L)
     assume(low <= high)
-    code = yarn_frequencies(d, base, factor=s, original_max_positions=L, ramp="transformers", dtype=F64,
-                            device=device)[0].cpu()
+    code = yarn_frequencies(d, base, factor=s, original_max_positions=L, ramp="transformers", dtype=F64, device=device)[
+        0
+    ].cpu()
     paper = t64(yarn_paper_ref(d, base, s, L))
     r = t64([L * t / (2 * math.pi) for t in default_ref(d, base)])
     agree = (r <= 1) | (r >= 32)
@@ -471,13 +497,14 @@ def test_set_rope_frequencies_on_a_model(device):
     assert factor > 1 and torch.isfinite(after).all()
     assert (after - before).abs().max() > 1e-3
     for block in model.blocks:
-        assert torch.equal(block.attn.inv_freq.cpu(), inv_freq) and block.attn.rope_attention_factor == factor
+        assert torch.equal(block.attn.position.inv_freq.cpu(), inv_freq)
+        assert block.attn.position.attention_factor == factor
 
 
 @pytest.mark.parametrize("rule", ["linear", "ntk", "dynamic_ntk", "yarn"])
 def test_attention_with_rescaled_frequencies_matches_reference(device, ref, rand, rule):
-    """Rescaled RoPE attention is the RoFormer reference with the new θ', and the attention factor
-    a scales the logits by a²: the same as scaling the q and k projections by a."""
+    """Rescaled RoPE attention is attention with the new θ', and the attention factor a scales the
+    logits by a²: the same as scaling the q and k projections by a with a factor of 1."""
     mha = MultiHeadAttention(DIM, HEADS, "rope").to(device)
     inv_freq, factor = rope_scaling_frequencies(rule, DIM // HEADS, factor=4, original_max_positions=16, seq_len=48)
     mha.set_rope_frequencies(inv_freq, factor)
@@ -486,8 +513,9 @@ def test_attention_with_rescaled_frequencies_matches_reference(device, ref, rand
     with torch.no_grad():
         scaled.qkv.weight[: 2 * DIM] *= factor
         scaled.qkv.bias[: 2 * DIM] *= factor
+        scaled.set_rope_frequencies(inv_freq, 1.0)
         got = mha(x)
-    expected = ref.mha(scaled, x)  # ref.mha reads scaled.inv_freq (θ'), not the attention factor
+    expected = ref.mha(scaled, x)  # the layer written out, rotating with θ' and no attention factor
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -506,9 +534,9 @@ def test_failed_set_rope_frequencies_leaves_the_model_unchanged(device):
 def test_set_rope_frequencies_rejects_bad_input(device):
     model = make_lm(device)
     good = rope_frequencies(DIM // HEADS)
-    with pytest.raises(ValueError, match=r"inv_freq must have head_dim/2 = 8 entries, got 7"):
+    with pytest.raises(ValueError, match=r"inv_freq must have rotary_dim/2 = 8 entries, got 7"):
         model.set_rope_frequencies(good[:7])
-    with pytest.raises(ValueError, match=r"inv_freq must have head_dim/2 = 8 entries, got 16"):
+    with pytest.raises(ValueError, match=r"inv_freq must have rotary_dim/2 = 8 entries, got 16"):
         model.set_rope_frequencies(rope_frequencies(2 * DIM // HEADS))
     with pytest.raises(ValueError, match=r"inv_freq must have 1 dimensions, got shape \(1, 8\)"):
         model.set_rope_frequencies(good[None])
@@ -521,9 +549,9 @@ def test_set_rope_frequencies_rejects_bad_input(device):
             model.set_rope_frequencies(good, bad)
     with pytest.raises(TypeError, match=r"attention_factor must be a real number, got '2' of type str"):
         model.set_rope_frequencies(good, "2")
-    with pytest.raises(ValueError, match=r"needs encoding='rope', this model has encoding='alibi'"):
+    with pytest.raises(ValueError, match=r"needs a rotary encoding, this model has encoding='alibi'"):
         make_lm(device, "alibi").set_rope_frequencies(good)
-    with pytest.raises(ValueError, match=r"set_rope_frequencies needs encoding='rope', this layer has encoding='t5'"):
+    with pytest.raises(ValueError, match=r"set_rope_frequencies needs a rotary encoding, this layer has encoding='t5'"):
         MultiHeadAttention(DIM, HEADS, "t5").set_rope_frequencies(good)
 
 

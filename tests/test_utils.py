@@ -30,14 +30,6 @@ def test_seed_everything_makes_every_generator_reproducible(device):
     assert other[0] != first[0] and other[1] != first[1] and not torch.equal(other[2], first[2])
 
 
-def test_seed_everything_makes_model_initialisation_reproducible(device):
-    seed_everything(7)
-    a = torch.nn.Linear(4, 4).to(device).weight.detach().cpu()
-    seed_everything(7)
-    b = torch.nn.Linear(4, 4).to(device).weight.detach().cpu()
-    assert torch.equal(a, b)
-
-
 def test_snapshot_seed_zero_matches_the_libraries_published_streams():
     """Well-known first draws after seeding with 0 (printed in the torch, Python and NumPy
     documentation/tutorials countless times): torch.rand → 0.4963, 0.7682, 0.0885;
