@@ -22,6 +22,8 @@ __all__ = [
     "check_attention_inputs",
     "check_float_dtype",
     "check_positions",
+    "check_bool",
+    "same_device",
 ]
 
 
@@ -133,7 +135,7 @@ def check_positions(name: str, ids, batch: int, length: int, device) -> torch.Te
     host synchronisation, so it is skipped there).
     """
     check_int_tensor(name, ids, ndim=(1, 2))
-    if ids.device != torch.device(device):
+    if not same_device(ids.device, device):
         raise ValueError(f"{name} is on {ids.device} but the inputs are on {device}")
     if ids.dim() == 1:
         if ids.shape[0] != length:
@@ -144,3 +146,21 @@ def check_positions(name: str, ids, batch: int, length: int, device) -> torch.Te
     if ids.device.type == "cpu" and ids.numel() and int(ids.min()) < 0:
         raise ValueError(f"{name} must be >= 0, got a minimum of {int(ids.min())}")
     return ids.long()
+
+
+def same_device(a, b) -> bool:
+    """``a`` and ``b`` name the same device (``"cuda"`` and ``cuda:0`` do, unlike ``torch.device`` equality)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` if it is a bool; anything else (``"no"``, ``0``, ``None``) raises ``TypeError``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return value

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ._checks import check_float_dtype, check_float_tensor, check_int, check_positive_float
+from ._checks import check_bool, check_float_dtype, check_float_tensor, check_int, check_positive_float
 from .encoding import LogitBias
 
 __all__ = ["alibi_slopes", "alibi_bias", "alibi_distance_weights", "alibi_effective_window", "ALiBi"]
@@ -124,7 +124,7 @@ class ALiBi(LogitBias):
     def __init__(self, *, n_heads: int, causal: bool = True, slopes: torch.Tensor | None = None):
         super().__init__()
         self.n_heads = check_int("n_heads", n_heads, minimum=1)
-        self.causal = bool(causal)
+        self.causal = check_bool("causal", causal)
         if slopes is None:
             slopes = alibi_slopes(self.n_heads)
         check_float_tensor("slopes", slopes, ndim=1)

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from ._checks import check_attention_inputs, check_float_tensor, check_int, check_positions
+from ._checks import check_attention_inputs, check_bool, check_float_tensor, check_int, check_positions
 from .cache import KVCache
 from .encoding import PositionalEncoding
 from .masking import default_positions, storage_causal_mask
@@ -81,7 +81,7 @@ def positional_attention(
             f"the {encoding.name} encoding is added to the token embeddings, not inside attention; "
             "use MultiHeadAttention or add encoding.embed(...) to the input"
         )
-    _check_encoding_fits(encoding, h, d, bool(causal))
+    _check_encoding_fits(encoding, h, d, check_bool("causal", causal))
     scale = _check_scale(scale)
     q_pos, k_pos = default_positions(b, lq, lk, q.device, position_ids, key_position_ids)
     if causal and lq > lk:  # the first queries would see no key at all
@@ -136,7 +136,7 @@ class MultiHeadAttention(nn.Module):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         self.head_dim = dim // n_heads if head_dim is None else check_int("head_dim", head_dim, minimum=1)
-        self.causal = bool(causal)
+        self.causal = check_bool("causal", causal)
         self.scale = _check_scale(scale)
         # projections first, then the encoding: the order in which parameters draw their initial values
         self.qkv = nn.Linear(dim, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=bias)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_float_tensor, check_int_tensor
+from ._checks import check_float_tensor, check_int_tensor, same_device
 
 __all__ = ["KVCache"]
 
@@ -68,7 +68,7 @@ class KVCache:
             )
         check_int_tensor("past_kvs.positions", self.positions, ndim=2)
         length = self.positions.shape[1]
-        if self.positions.device != torch.device(device):
+        if not same_device(self.positions.device, device):
             raise ValueError(f"past_kvs.positions is on {self.positions.device} but the model is on {device}")
         for layer, kv in enumerate(self.layers):
             if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
@@ -87,7 +87,7 @@ class KVCache:
                     raise ValueError(f"{name} holds batch size {b} but the new tokens have batch size {batch}")
                 if n != length:
                     raise ValueError(f"{name} holds {n} positions but the cache's positions hold {length}")
-                if tensor.device != torch.device(device):
+                if not same_device(tensor.device, device):
                     raise ValueError(f"{name} is on {tensor.device} but the model is on {device}")
                 if tensor.dtype != dtype:
                     raise TypeError(f"{name} has dtype {tensor.dtype} but the model computes in {dtype}")

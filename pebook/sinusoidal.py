@@ -159,11 +159,11 @@ class SinusoidalPE(PositionalEncoding):
         super().__init__()
         self.dim = check_even("dim", dim)
         self.sinusoidal_base = check_positive_float("sinusoidal_base", sinusoidal_base, greater_than=1.0)
-        self._omega = sinusoidal_frequencies(self.dim, self.sinusoidal_base)  # float64, moved on demand
 
     def embed(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        omega = self._omega.to(position_ids.device)
-        return _rows(position_ids, omega).to(dtype)
+        # float64 frequencies made where the positions are: no state to cast or move
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.float64, device=position_ids.device) / self.dim
+        return _rows(position_ids, self.sinusoidal_base ** (-exponents)).to(dtype)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, sinusoidal_base={self.sinusoidal_base:g}"

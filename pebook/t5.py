@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ._checks import check_int, check_int_tensor
+from ._checks import check_bool, check_int, check_int_tensor
 from .encoding import LogitBias
 
 __all__ = ["t5_relative_bucket", "T5RelativeBias", "T5PE"]
@@ -129,7 +129,7 @@ class T5PE(LogitBias):
     def __init__(self, *, n_heads: int, causal: bool = True, num_buckets: int = 32, t5_max_distance: int = 128):
         super().__init__()
         self.n_heads = check_int("n_heads", n_heads, minimum=1)
-        self.causal = bool(causal)
+        self.causal = check_bool("causal", causal)
         t5_max_distance = check_int("t5_max_distance", t5_max_distance, minimum=1)  # named as the option
         self.relative_bias = T5RelativeBias(n_heads, num_buckets, t5_max_distance, bidirectional=not causal)
 

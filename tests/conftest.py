@@ -22,7 +22,6 @@ or ``thorough`` (``HYPOTHESIS_PROFILE=thorough``: more examples, random seeds).
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import os
 from types import SimpleNamespace
@@ -71,27 +70,8 @@ def device(request) -> torch.device:
 # encodings: every test that iterates over encodings reads the registry, never a list of names
 # --------------------------------------------------------------------------------------------
 
-import pebook  # noqa: E402
 
-ENCODING_NAMES = tuple(pebook.ENCODINGS)
-BIAS_ENCODINGS = tuple(n for n, c in pebook.ENCODINGS.items() if issubclass(c, pebook.LogitBias))
-
-
-def example_options(name: str) -> dict:
-    """The registry's small, valid options for ``name`` (a copy, safe to modify)."""
-    return dict(pebook.ENCODINGS[name].example_options)
-
-
-def layer_options(name: str) -> dict:
-    """Options for ``MultiHeadAttention(..., name, **options)`` / ``TinyLM``: the example options."""
-    return example_options(name)
-
-
-def model_options(name: str) -> dict:
-    """Options for ``TinyLM(..., name, **options)``: the example options minus those TinyLM takes
-    itself (``max_positions``, which it hands to an encoding that has that option)."""
-    own = inspect.signature(pebook.TinyLM).parameters
-    return {k: v for k, v in example_options(name).items() if k not in own}
+from registry_cases import BIAS_ENCODINGS, ENCODING_NAMES, example_options, layer_options, model_options  # noqa: E402,F401
 
 
 @pytest.fixture(params=ENCODING_NAMES)

@@ -13,9 +13,9 @@ import re
 
 import pytest
 import torch
-from conftest import ENCODING_NAMES, example_options
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry_cases import ENCODING_NAMES, example_options
 
 from pebook import (
     ENCODINGS,
@@ -258,8 +258,16 @@ def test_encoding_built_for_another_shape_is_rejected(name):
     q, k, v = qkv(3, 3)
     takes = inspect.signature(ENCODINGS[name].__init__).parameters
     for arg, shape, message in (
-        ("n_heads", dict(n_heads=2 * H), rf"the {name} encoding was built with n_heads={2 * H}, but this attention has {H}"),
-        ("head_dim", dict(head_dim=2 * D), rf"the {name} encoding was built with head_dim={2 * D}, but this attention has {D}"),
+        (
+            "n_heads",
+            dict(n_heads=2 * H),
+            rf"built with n_heads={2 * H}, but this attention has {H}",
+        ),
+        (
+            "head_dim",
+            dict(head_dim=2 * D),
+            rf"built with head_dim={2 * D}, but this attention has {D}",
+        ),
     ):
         encoding = make_encoding(name, **shape)
         if arg in takes:
@@ -628,7 +636,9 @@ def test_mha_options_with_an_encoding_module_are_rejected():
     for name in INSIDE:
         takes = inspect.signature(ENCODINGS[name].__init__).parameters
         if "n_heads" in takes:
-            with pytest.raises(ValueError, match=rf"the {name} encoding was built with n_heads=4, but this attention has {H}"):
+            with pytest.raises(
+                ValueError, match=rf"{name} encoding was built with n_heads=4, but this attention has {H}"
+            ):
                 MultiHeadAttention(DIM, H, make_encoding(name, n_heads=4))
 
 

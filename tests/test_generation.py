@@ -11,9 +11,9 @@ against the formula 2 · layers · kv_heads · head_dim · tokens · batch · by
 
 import pytest
 import torch
-from conftest import ENCODING_NAMES, model_options
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry_cases import ENCODING_NAMES, model_options
 
 from pebook import ENCODINGS, KVCache, LearnedPE, TinyLM
 from pebook import generation as gen

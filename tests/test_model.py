@@ -14,9 +14,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ENCODING_NAMES, example_options, model_options
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from registry_cases import ENCODING_NAMES, example_options, model_options
 
 from pebook import ENCODINGS, KVCache, LearnedPE, TinyLM, TransformerBlock
 

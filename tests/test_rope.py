@@ -1,9 +1,14 @@
-"""pebook.rope: rotary position embedding (Su et al. 2021, RoFormer, §3.2-3.4).
+"""pebook.rope: rotary position embedding (Su et al. 2021, RoFormer, §3.2-3.4), the registry's
+``RoPE`` module, and RoFormer's long-term-decay bound (§3.4.3).
 
 References (conftest): ``ref.rope`` multiplies each row by the explicit d×d block-diagonal
 rotation matrix R^d_{Θ,m} of RoFormer eq. (15), with the blocks placed on the layout's feature
 pairs; ``ref.rope_rotate_half`` is transformers' Llama/GPT-NeoX formula
-``x·cos + rotate_half(x)·sin`` with ``cos = cat(freqs, freqs).cos()``.
+``x·cos + rotate_half(x)·sin`` with ``cos = cat(freqs, freqs).cos()``. Partial rotary
+(``rotary_dim``, GPT-NeoX's ``rotary_pct``, GPT-J's ``rotary_dim``) rotates the first
+``rotary_dim`` features by ``ref.rope`` and passes the rest through. The decay bound's reference
+is written from the paper's definitions in Python complex arithmetic: S_j = Σ_{k<j} e^{i r θ_k} and
+the plotted "relative upper bound" (1/(d/2)) Σ_{j=1}^{d/2} |S_j| of RoFormer Fig. 2.
 """
 
 import cmath
@@ -16,9 +21,11 @@ from hypothesis import strategies as st
 
 from pebook import (
     DEFAULT_ROPE_BASE,
+    RoPE,
     apply_rope,
     apply_rope_complex,
     rope_angles,
+    rope_decay_bound,
     rope_frequencies,
     rope_layout_permutation,
 )
@@ -26,6 +33,7 @@ from pebook import (
 F64 = torch.float64
 LAYOUTS = ["half", "interleaved"]
 dims = st.sampled_from([2, 4, 8, 16, 32])
+decay_dims = st.sampled_from([2, 4, 8, 16, 64, 128])
 
 
 def rotate(x, positions, inv_freq, layout):
@@ -52,6 +60,16 @@ def score_formula(q, k, m, n, theta, layout):
         qi, ki = complex(q[a], q[b]), complex(k[a], k[b])
         total += qi * ki.conjugate() * cmath.exp(1j * (m - n) * float(theta[i]))
     return total.real
+
+
+def decay_bound_ref(r: float, dim: int, base: float = 10000.0) -> float:
+    """(1/(d/2)) Σ_{j=1}^{d/2} |S_j|, S_j = Σ_{k<j} e^{i r θ_k}, by explicit loops."""
+    thetas = [base ** (-2 * k / dim) for k in range(dim // 2)]
+    total, partial = 0.0, 0j
+    for theta in thetas:
+        partial += cmath.exp(1j * r * theta)  # S_{j} after adding term k = j - 1
+        total += abs(partial)
+    return total / (dim // 2)
 
 
 # ---------------------------------------------------------------- frequencies and angles
@@ -138,6 +156,64 @@ def test_half_is_interleaved_after_the_permutation(device, dim, seed, start):
     # and the two layouts really are different functions (a checkpoint cannot switch silently)
     if dim > 2 and start > 0:
         assert (half - apply_rope(x, positions, inv_freq, "interleaved")).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+@pytest.mark.parametrize("head_dim,rotary_dim", [(8, 4), (16, 8), (12, 2), (8, 8)])
+def test_partial_rotary_rotates_the_first_features_only(device, ref, rand, layout, head_dim, rotary_dim):
+    """rotary_dim r: features 0 … r-1 are rotated by R^r_{Θ,m} with Θ for dimension r (pairs
+    (i, i + r/2) or (2i, 2i+1) within them); features r … d-1 pass through untouched."""
+    x = rand(2, 3, 5, head_dim, seed=11, device=device)
+    positions = torch.tensor([0, 1, 7, 100, 4097], device=device)
+    theta = ref.frequencies(rotary_dim)
+    out = apply_rope(x, positions, theta.to(device), layout, rotary_dim=rotary_dim)
+    assert out.shape == x.shape and out.dtype == F64
+    expected = ref.rope(x[..., :rotary_dim], positions.tolist(), theta, layout)
+    torch.testing.assert_close(out[..., :rotary_dim], expected, rtol=0, atol=1e-12)
+    assert torch.equal(out[..., rotary_dim:], x[..., rotary_dim:])
+
+
+@pytest.mark.parametrize("layout", ["complex", "interleaved", "half"])
+def test_batched_position_ids_rotate_each_sequence_at_its_positions(device, ref, rand, layout):
+    """(batch, seq) position ids for x (batch, heads, seq, head_dim): sequence b, row s is rotated by
+    position_ids[b, s], for every head."""
+    x = rand(3, 2, 4, 8, seed=12, device=device)
+    ids = torch.tensor([[0, 1, 2, 3], [9, 9, 0, 5000], [7, 3, 1, 0]], device=device)
+    theta = ref.frequencies(8)
+    out = rotate(x, ids, theta.to(device), layout)
+    expected = torch.stack([ref.rope(x[b], ids[b].tolist(), theta, pair_layout(layout)) for b in range(3)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    # partial rotary with batched positions
+    part = apply_rope(x, ids, ref.frequencies(4).to(device), pair_layout(layout), 4)
+    for b in range(3):
+        torch.testing.assert_close(
+            part[b, ..., :4],
+            ref.rope(x[b, ..., :4], ids[b].tolist(), ref.frequencies(4), pair_layout(layout)),
+            rtol=0,
+            atol=1e-12,
+        )
+    assert torch.equal(part[..., 4:], x[..., 4:])
+
+
+@pytest.mark.parametrize(
+    "dim,base", [(2, 10000.0), (8, 10000.0), (64, 10000.0), (128, 10000.0), (128, 500000.0), (6, 3.0)]
+)
+def test_decay_bound_matches_reference(device, dim, base):
+    distances = torch.tensor([0, 1, 2, 3, 10, 57, 100, 1000, 4095, -7], device=device)
+    got = rope_decay_bound(distances, dim, base)
+    assert got.dtype == F64 and got.shape == distances.shape and got.device.type == device.type
+    expected = torch.tensor([decay_bound_ref(float(r), dim, base) for r in distances.tolist()], dtype=F64)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_decay_bound_at_fractional_distances_and_any_shape(device):
+    distances = torch.tensor([[0.5, 2.25], [10.0, 1e4]], dtype=F64, device=device)
+    got = rope_decay_bound(distances, 16)
+    assert got.shape == (2, 2)
+    expected = torch.tensor([[decay_bound_ref(r, 16) for r in row] for row in distances.tolist()], dtype=F64)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-12, atol=1e-12)
+    # float32 distances give the same float64 result (they are converted, not computed in float32)
+    torch.testing.assert_close(rope_decay_bound(distances.float(), 16), got, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- (2) properties
@@ -291,6 +367,68 @@ def test_mixed_layout_bug_loses_relative_position_while_pebook_keeps_it(device, 
     assert abs(rotated.norm().item() - q.norm().item()) > 1e-3
 
 
+@given(
+    layout=st.sampled_from(LAYOUTS),
+    half_rotary=st.integers(1, 3),
+    seed=st.integers(0, 2**31),
+    m=st.integers(0, 10_000),
+    n=st.integers(0, 10_000),
+    s=st.integers(0, 10_000),
+)
+def test_partial_rotary_scores_stay_relative(device, layout, half_rotary, seed, m, n, s):
+    """With rotary_dim < head_dim the score is the relative RoPE score of the rotated features
+    plus the plain dot product of the others: still a function of m - n only."""
+    dim, rotary_dim = 8, 2 * half_rotary
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, dim, generator=gen, dtype=F64).to(device) for _ in range(2))
+    inv_freq = rope_frequencies(rotary_dim, dtype=F64, device=device)
+    at = lambda x, p: apply_rope(x, torch.tensor([p], device=device), inv_freq, layout, rotary_dim)[0]  # noqa: E731
+    score, shifted = at(q, m) @ at(k, n), at(q, m + s) @ at(k, n + s)
+    assert abs(score.item() - shifted.item()) <= 1e-10 * (q.norm() * k.norm()).item()
+    rest = q[0, rotary_dim:] @ k[0, rotary_dim:]
+    rotated = at(q[:, :rotary_dim], m) @ at(k[:, :rotary_dim], n)
+    assert math.isclose(score.item(), (rotated + rest).item(), abs_tol=1e-12 * (1 + (q.norm() * k.norm()).item()))
+
+
+@given(seed=st.integers(0, 2**31), data=st.data())
+def test_batched_positions_equal_per_sequence_calls(device, seed, data):
+    ids = data.draw(st.lists(st.lists(st.integers(0, 10**5), min_size=3, max_size=3), min_size=1, max_size=3))
+    x = torch.randn(len(ids), 2, 3, 8, generator=torch.Generator().manual_seed(seed), dtype=F64).to(device)
+    inv_freq = rope_frequencies(8, dtype=F64, device=device)
+    for layout in LAYOUTS:
+        batched = apply_rope(x, torch.tensor(ids, device=device), inv_freq, layout)
+        for b, row in enumerate(ids):
+            assert torch.equal(batched[b], apply_rope(x[b], torch.tensor(row, device=device), inv_freq, layout))
+
+
+@given(dim=dims, seed=st.integers(0, 2**31), r=st.integers(-20_000, 20_000))
+def test_abel_bound_holds_for_rope_scores(device, dim, seed, r):
+    """RoFormer eq. (37): |Σ_i h_i e^{i r θ_i}| ≤ max_i |h_{i+1} - h_i| · Σ_j |S_j| with
+    h_i = q^(i) conj(k^(i)), h_{d/2} = 0; and Re Σ_i h_i e^{i r θ_i} is pebook's RoPE score."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(dim, generator=gen, dtype=F64).to(device) for _ in range(2))
+    h = torch.view_as_complex(q.view(-1, 2)) * torch.view_as_complex(k.view(-1, 2)).conj()
+    theta = rope_frequencies(dim, dtype=F64, device=device)
+    total = (h * torch.polar(torch.ones_like(theta), r * theta)).sum()
+    dh = torch.cat((h, h.new_zeros(1))).diff()
+    bound = rope_decay_bound(torch.tensor([r], device=device), dim)[0]
+    assert total.abs().item() <= dh.abs().max().item() * bound.item() * (dim // 2) * (1 + 1e-12) + 1e-12
+    m, n = (r, 0) if r >= 0 else (0, -r)
+    qm = apply_rope(q[None], torch.tensor([m], device=device), theta, "interleaved")[0]
+    kn = apply_rope(k[None], torch.tensor([n], device=device), theta, "interleaved")[0]
+    assert math.isclose((qm @ kn).item(), total.real.item(), abs_tol=1e-9 * (1 + q.norm().item() * k.norm().item()))
+
+
+@given(dim=dims, r=st.floats(-1e5, 1e5, allow_nan=False), base=st.floats(1.5, 1e6))
+def test_decay_bound_is_even_and_between_trivial_bounds(device, dim, r, base):
+    """|S_j(-r)| = |conj S_j(r)| makes the bound even in r; 1 ≤ |S_1| and |S_j| ≤ j give
+    1/(d/2) ≤ bound ≤ (d/2 + 1)/2 = bound(0)."""
+    values = rope_decay_bound(torch.tensor([r, -r, 0.0], dtype=F64, device=device), dim, base).tolist()
+    assert math.isclose(values[0], values[1], rel_tol=1e-12, abs_tol=1e-12)
+    assert 1 / (dim // 2) - 1e-12 <= values[0] <= values[2] + 1e-12
+    assert math.isclose(values[2], (dim // 2 + 1) / 2, rel_tol=1e-14)
+
+
 # ---------------------------------------------------------------- (3) frozen snapshots
 
 
@@ -344,6 +482,30 @@ def test_snapshot_layout_permutation(device):
     assert rope_layout_permutation(2, device=device).tolist() == [0, 1]
 
 
+def test_snapshot_decay_bound_small_dims(device):
+    """d = 2: one partial sum of modulus 1 at every distance. d = 4, base 10000: θ = (1, 0.01),
+    so the bound is (|S_1| + |S_2|)/2 = (1 + |e^{ir} + e^{0.01 ir}|)/2 = (1 + 2|cos(0.495 r)|)/2."""
+    r = torch.tensor([0.0, 1.0, 3.0, 100.0, math.pi / 0.99], dtype=F64, device=device)
+    torch.testing.assert_close(rope_decay_bound(r, 2).cpu(), torch.ones(5, dtype=F64), rtol=0, atol=1e-15)
+    expected = (1 + 2 * (0.495 * r.cpu()).cos().abs()) / 2
+    torch.testing.assert_close(rope_decay_bound(r, 4).cpu(), expected, rtol=0, atol=1e-12)
+    assert abs(rope_decay_bound(r, 4)[-1].item() - 0.5) < 1e-12  # S_2 = 0 at r = π / 0.99
+
+
+def test_snapshot_roformer_curve(device):
+    """d = 128, base 10000 (the chapter's figure): (d/2 + 1)/2 = 32.5 at r = 0, maximal there,
+    decaying on the whole but not monotonically."""
+    distances = torch.arange(0, 1025, device=device)
+    bound = rope_decay_bound(distances, 128).cpu()
+    assert bound[0].item() == pytest.approx(32.5, rel=1e-14)
+    assert int(bound.argmax()) == 0
+    torch.testing.assert_close(
+        bound[[10, 100, 1000]], torch.tensor([17.9541, 10.2273, 4.4708], dtype=F64), rtol=0, atol=1e-4
+    )
+    assert bound[1000] < bound[0] / 6
+    assert int((bound[1:] > bound[:-1]).sum()) > 100
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -383,17 +545,29 @@ def test_bad_tensors_are_rejected(device, fn):
         fn(x, torch.arange(5, device=device), f)
     with pytest.raises(ValueError, match=r"positions has 3 entries but x has seq=4 rows"):
         fn(x, pos[:3], f)
-    with pytest.raises(ValueError, match=r"positions must be 1-D .* got shape \(1, 4\)"):
-        fn(x, pos[None], f)
+    with pytest.raises(
+        ValueError,
+        match=r"2-D positions \(position_ids\) must have shape \(batch, seq\) = \(2, 4\) for x of shape "
+        r"\(batch, heads, seq, head_dim\), got positions \(1, 4\) and x \(2, 4, 8\)$",
+    ):
+        fn(x, pos[None], f)  # (batch, seq) positions need head-major 4-D x
+    with pytest.raises(
+        ValueError, match=r"2-D positions .* = \(2, 4\) .* got positions \(1, 4\) and x \(2, 3, 4, 8\)$"
+    ):
+        fn(x[:, None].expand(2, 3, 4, 8), pos[None], f)  # batch mismatch
+    with pytest.raises(ValueError, match=r"positions must be \(seq,\) or \(batch, seq\), got shape \(1, 1, 4\)$"):
+        fn(x, pos[None, None], f)
     with pytest.raises(TypeError, match=r"positions must be an integer or floating tensor, got dtype torch.bool"):
         fn(x, pos > 1, f)
-    with pytest.raises(TypeError, match=r"positions must be a 1-D torch.Tensor of positions, got list"):
+    with pytest.raises(TypeError, match=r"positions must be a torch.Tensor of positions, got list"):
         fn(x, [0, 1, 2, 3], f)
-    with pytest.raises(ValueError, match=r"head_dim=8\) must equal 2 \* len\(inv_freq\) = 6"):
+    with pytest.raises(ValueError, match=r"\(rotary_dim=8; head_dim=8\) must equal 2 \* len\(inv_freq\) = 6$"):
         fn(x, pos, f[:3])
-    with pytest.raises(ValueError, match=r"head_dim=8\) must equal 2 \* len\(inv_freq\) = 10"):
+    with pytest.raises(ValueError, match=r"head_dim=8\) must equal 2 \* len\(inv_freq\) = 10$"):
         fn(x, pos, rope_frequencies(10, device=device))
-    with pytest.raises(ValueError, match=r"head_dim=7\) must equal 2 \* len\(inv_freq\) = 6"):
+    with pytest.raises(
+        ValueError, match=r"x must have an even head_dim \(x.shape\[-1\]; features rotate in pairs\), got 7$"
+    ):
         fn(x[..., :7], pos, f[:3])
     with pytest.raises(TypeError, match=r"inv_freq must be a floating-point tensor, got dtype torch.int64"):
         fn(x, pos, f.long())
@@ -429,3 +603,138 @@ def test_score_formula_is_a_valid_reference(ref, rand):
     for layout in ("interleaved", "half"):
         direct = ref.rope(q[None], [7], theta, layout)[0] @ ref.rope(k[None], [3], theta, layout)[0]
         assert math.isclose(direct.item(), score_formula(q, k, 7, 3, theta, layout), abs_tol=1e-12)
+
+
+def test_decay_bound_rejects_bad_input(device):
+    good = torch.arange(4, device=device)
+    with pytest.raises(TypeError, match=r"distances must be a torch.Tensor of relative distances, got list"):
+        rope_decay_bound([0, 1, 2], 8)
+    with pytest.raises(TypeError, match=r"distances must be an integer or floating tensor, got dtype torch.bool"):
+        rope_decay_bound(good > 1, 8)
+    with pytest.raises(TypeError, match=r"distances must be an integer or floating tensor, got dtype torch.complex64"):
+        rope_decay_bound(good.to(torch.complex64), 8)
+    with pytest.raises(ValueError, match=r"dim must be even.*got 7$"):
+        rope_decay_bound(good, 7)
+    with pytest.raises(TypeError, match=r"dim must be an int, got 8.0"):
+        rope_decay_bound(good, 8.0)
+    with pytest.raises(ValueError, match=r"base must be a finite number > 1, got 1.0"):
+        rope_decay_bound(good, 8, 1.0)
+
+
+@pytest.mark.parametrize(
+    "rotary_dim,error,pattern",
+    [
+        (3, ValueError, r"rotary_dim must be even and at most head_dim=8, got 3$"),
+        (10, ValueError, r"rotary_dim must be even and at most head_dim=8, got 10$"),
+        (0, ValueError, r"rotary_dim must be an int >= 2, got 0$"),
+        (4.0, TypeError, r"rotary_dim must be an int, got 4.0 of type float$"),
+        (6, ValueError, r"the rotated features \(rotary_dim=6; head_dim=8\) must equal 2 \* len\(inv_freq\) = 4$"),
+    ],
+)
+def test_bad_rotary_dim_is_rejected(device, rotary_dim, error, pattern):
+    x = torch.randn(1, 2, 3, 8, device=device)
+    with pytest.raises(error, match=pattern):
+        apply_rope(x, torch.arange(3, device=device), rope_frequencies(4, device=device), rotary_dim=rotary_dim)
+
+
+# ---------------------------------------------------------------- the RoPE module
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("rotary_dim", [None, 4])
+def test_module_rotates_with_its_frequencies(device, ref, rand, layout, rotary_dim):
+    enc = RoPE(head_dim=8, rope_base=500.0, rope_layout=layout, rotary_dim=rotary_dim).to(device)
+    r = 8 if rotary_dim is None else rotary_dim
+    assert enc.inv_freq.dtype == torch.float32 and enc.inv_freq.device.type == device.type
+    torch.testing.assert_close(enc.inv_freq.cpu().double(), ref.frequencies(r, 500.0), rtol=2.0**-24, atol=0)
+    assert enc.declared_parameters() == {"inv_freq": ((r // 2,), False)} and enc.num_learned_parameters() == 0
+    x = rand(2, 3, 4, 8, seed=13, device=device)
+    ids = torch.tensor([[0, 1, 2, 3], [50, 7, 7, 0]], device=device)
+    assert torch.equal(enc.rotate(x, ids), apply_rope(x, ids, enc.inv_freq, layout, r))
+
+
+def test_set_frequencies_installs_a_rule_and_its_attention_factor(device, rand):
+    enc = RoPE(head_dim=8).to(device)
+    new = rope_frequencies(8, 40000.0, dtype=F64, device=device)
+    enc.set_frequencies(new, attention_factor=1.5)
+    assert enc.inv_freq.dtype == torch.float32 and enc.inv_freq.device.type == device.type  # kept dtype, rounded once
+    assert torch.equal(enc.inv_freq, new.float()) and enc.attention_factor == 1.5
+    x = rand(1, 2, 3, 8, seed=14, device=device, dtype=torch.float32)
+    ids = torch.tensor([[4, 5, 6]], device=device)
+    # the factor multiplies the rotated q and k, so the logits by its square (YaRN's 1/t)
+    torch.testing.assert_close(enc.rotate(x, ids), 1.5 * apply_rope(x, ids, new.float()), rtol=1e-6, atol=1e-7)
+    enc.set_frequencies(new.float())
+    assert enc.attention_factor == 1.0 and torch.equal(enc.rotate(x, ids), apply_rope(x, ids, new.float()))
+
+
+@pytest.mark.parametrize(
+    "inv_freq,factor,error,pattern",
+    [
+        (torch.ones(3), 1.0, ValueError, r"inv_freq must have rotary_dim/2 = 4 entries, got 3$"),
+        (
+            torch.ones(4, dtype=torch.long),
+            1.0,
+            TypeError,
+            r"inv_freq must be a floating-point tensor, got dtype torch.int64$",
+        ),
+        (
+            torch.ones(4, dtype=torch.bfloat16),
+            1.0,
+            TypeError,
+            r"inv_freq.dtype must be one of torch.float32, torch.float64, got torch.bfloat16$",
+        ),
+        (torch.ones(1, 4), 1.0, ValueError, r"inv_freq must have 1 dimensions, got shape \(1, 4\)$"),
+        ([1.0] * 4, 1.0, TypeError, r"inv_freq must be a torch.Tensor, got list$"),
+        (torch.ones(4), 0.0, ValueError, r"attention_factor must be a finite number > 0, got 0.0$"),
+        (torch.ones(4), float("inf"), ValueError, r"attention_factor must be a finite number > 0, got inf$"),
+    ],
+)
+def test_set_frequencies_rejects_bad_input(inv_freq, factor, error, pattern):
+    enc = RoPE(head_dim=8)
+    before = enc.inv_freq.clone()
+    with pytest.raises(error, match=pattern):
+        enc.set_frequencies(inv_freq, factor)
+    assert torch.equal(enc.inv_freq, before) and enc.attention_factor == 1.0  # nothing half-installed
+
+
+@pytest.mark.parametrize("cast", [torch.float16, torch.bfloat16])
+def test_half_module_keeps_float32_frequencies_and_float32_accuracy(device, rand, cast):
+    """.half() / .to(bfloat16) keep inv_freq in float32, so at position 4100 (where the position
+    itself is not representable in bfloat16) the rotated half-precision q is the float32 result
+    rounded once to the half dtype."""
+    enc = RoPE(head_dim=64).to(device)
+    low = RoPE(head_dim=64).to(device).to(cast)
+    assert low.inv_freq.dtype == torch.float32 and torch.equal(low.inv_freq, enc.inv_freq)
+    x = rand(1, 2, 3, 64, seed=15, device=device, dtype=cast)
+    ids = torch.tensor([[0, 4100, 30000]], device=device)
+    out = low.rotate(x, ids)
+    assert out.dtype == cast
+    in_float32 = enc.rotate(x.float(), ids)
+    torch.testing.assert_close(out.float(), in_float32, rtol=torch.finfo(cast).eps, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(head_dim=3), ValueError, r"rope needs an even head_dim \(features rotate in pairs\), got head_dim=3$"),
+        (
+            dict(head_dim=8, rotary_dim=10),
+            ValueError,
+            r"rope needs an even rotary_dim <= head_dim=8, got rotary_dim=10$",
+        ),
+        (dict(head_dim=8, rotary_dim=5), ValueError, r"rope needs an even rotary_dim <= head_dim=8, got rotary_dim=5$"),
+        (dict(head_dim=8, rotary_dim=0), ValueError, r"rotary_dim must be an int >= 2, got 0$"),
+        (dict(head_dim=8, rotary_dim=True), TypeError, r"rotary_dim must be an int, got True of type bool$"),
+        (
+            dict(head_dim=8, rope_layout="neox"),
+            ValueError,
+            r"rope_layout must be one of \('half', 'interleaved'\), got 'neox'$",
+        ),
+        (dict(head_dim=8, rope_base=1.0), ValueError, r"rope_base must be a finite number > 1, got 1.0$"),
+        (dict(head_dim=8, rope_base="1e4"), TypeError, r"rope_base must be a real number, got '1e4' of type str$"),
+        (dict(head_dim=0), ValueError, r"head_dim must be an int >= 1, got 0$"),
+    ],
+)
+def test_module_rejects_bad_options(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        RoPE(**kwargs)

@@ -1,4 +1,5 @@
-"""pebook.sinusoidal: Vaswani et al. 2017, §3.5.
+"""pebook.sinusoidal: Vaswani et al. 2017, §3.5: the table, its shift matrices, the dot-product
+profile, the least-squares shift map, and the registry's ``SinusoidalPE``.
 
 Reference: ``ref.sinusoidal_table`` / ``ref.frequencies`` (conftest), element-wise Python floats.
 """
@@ -10,7 +11,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pebook import sinusoidal_encoding, sinusoidal_frequencies, sinusoidal_shift_matrix
+from pebook import (
+    SinusoidalPE,
+    fit_shift_map,
+    sinusoidal_dot_profile,
+    sinusoidal_encoding,
+    sinusoidal_frequencies,
+    sinusoidal_shift_matrix,
+)
 
 F64 = torch.float64
 dims = st.sampled_from([2, 4, 8, 16, 64])
@@ -91,6 +99,52 @@ def test_table_offset_is_a_slice_of_the_longer_table(device):
     torch.testing.assert_close(part, full[20:], rtol=0, atol=1e-15)
 
 
+@pytest.mark.parametrize("dim,base", [(2, 10000.0), (8, 10000.0), (64, 10000.0), (6, 100.0)])
+def test_dot_profile_matches_formula(device, ref, dim, base):
+    """Σ_i cos(k ω_i), written from §3.5's frequencies with Python floats."""
+    offsets = torch.tensor([[-300, -7, 0], [1, 2, 12345]], device=device)
+    profile = sinusoidal_dot_profile(offsets, dim, base)
+    assert profile.shape == offsets.shape and profile.dtype == F64 and profile.device.type == device.type
+    omega = ref.frequencies(dim, base).tolist()
+    expected = torch.tensor([[sum(math.cos(k * w) for w in omega) for k in row] for row in offsets.tolist()], dtype=F64)
+    torch.testing.assert_close(profile.cpu(), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim,base,offset", [(8, 10000.0, 0), (16, 10000.0, 500), (6, 100.0, 37)])
+def test_dot_profile_is_the_gram_matrix_of_the_reference_table(device, ref, dim, base, offset):
+    """PE(p)·PE(q) from the reference table equals the profile at q - p, for every pair."""
+    table = ref.sinusoidal_table(40, dim, base, offset)
+    positions = torch.arange(40)
+    offsets = (positions[None, :] - positions[:, None]).to(device)
+    torch.testing.assert_close(sinusoidal_dot_profile(offsets, dim, base).cpu(), table @ table.T, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dim,base,k", [(8, 10000.0, 1), (16, 10000.0, 3), (8, 100.0, 20)])
+def test_fit_recovers_the_shift_matrix(device, ref, dim, base, k):
+    """On a well-conditioned table (small dim, positions spanning the slow waves) the fitted map
+    is M_k itself and the residual is at rounding level."""
+    table = ref.sinusoidal_table(4000, dim, base).to(device)
+    m, residual = fit_shift_map(table, k)
+    assert m.shape == (dim, dim) and m.dtype == F64 and m.device.type == device.type
+    assert residual < 1e-12
+    torch.testing.assert_close(m.cpu(), sinusoidal_shift_matrix(k, dim, base, dtype=F64), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim,base", [(8, 10000.0), (6, 100.0), (2, 10000.0)])
+def test_embed_at_position_ids_is_the_table_rows(device, ref, dim, base):
+    """SinusoidalPE.embed at arbitrary (batch, seq) position ids (repeated, unordered, large)
+    returns PE(position_ids[b, s]) from §3.5, in the requested dtype."""
+    pe = SinusoidalPE(dim=dim, sinusoidal_base=base).to(device)
+    ids = torch.tensor([[0, 5, 5, 1, 999], [37, 2, 0, 998, 3]], device=device)
+    out = pe.embed(ids, F64)
+    assert out.shape == (2, 5, dim) and out.dtype == F64 and out.device.type == device.type
+    table = ref.sinusoidal_table(1000, dim, base)
+    torch.testing.assert_close(out.cpu(), table[ids.cpu()], rtol=0, atol=1e-12)
+    low = pe.embed(ids, torch.float16)
+    assert low.dtype == torch.float16
+    torch.testing.assert_close(low.cpu().double(), table[ids.cpu()], rtol=0, atol=torch.finfo(torch.float16).eps)
+
+
 # ---------------------------------------------------------------- (2) properties
 
 
@@ -150,6 +204,57 @@ def test_every_position_has_unit_pairs(device, dim, p):
     torch.testing.assert_close((pairs**2).sum(-1), torch.ones(dim // 2, dtype=F64, device=device), rtol=0, atol=1e-14)
 
 
+@given(dim=dims, base=bases, k=st.integers(-(10**6), 10**6))
+def test_dot_profile_is_even_and_bounded(device, dim, base, k):
+    both = sinusoidal_dot_profile(torch.tensor([k, -k], device=device), dim, base)
+    assert both[0].item() == both[1].item()  # cos is even: no sense of direction
+    assert abs(both[0].item()) <= dim / 2 + 1e-12
+
+
+@given(dim=dims, base=bases, p=st.integers(0, 10**5), k=st.integers(0, 10**5))
+def test_distance_depends_only_on_offset(device, dim, base, p, k):
+    """|PE(p) - PE(p + k)|² = dim - 2 Σ_i cos(k ω_i), whatever p."""
+    pe = lambda pos: sinusoidal_encoding(1, dim, base, pos, dtype=F64, device=device)[0]  # noqa: E731
+    squared = ((pe(p) - pe(p + k)) ** 2).sum()
+    expected = dim - 2 * sinusoidal_dot_profile(torch.tensor(k, device=device), dim, base)
+    assert squared.item() == pytest.approx(expected.item(), abs=1e-9)
+
+
+@given(
+    dim=st.sampled_from([2, 4, 8]),
+    base=st.sampled_from([10000.0, 100.0]),
+    k=st.integers(1, 50),
+    scale=st.floats(0.01, 100.0),
+)
+def test_fit_is_exact_for_the_encoding_and_scale_invariant(device, dim, base, k, scale):
+    table = sinusoidal_encoding(600, dim, base, dtype=F64, device=device)
+    _, residual = fit_shift_map(table, k)
+    _, scaled_residual = fit_shift_map(scale * table, k)
+    assert residual < 1e-10 and scaled_residual < 1e-10
+
+
+@given(seed=st.integers(0, 2**31 - 1), dim=st.sampled_from([2, 8, 16]), k=st.integers(1, 10))
+def test_fit_residual_is_large_for_unstructured_tables(device, rand, seed, dim, k):
+    """Independent Gaussian rows: no linear map predicts row p + k from row p."""
+    table = rand(20 * dim + k, dim, seed=seed, device=device)
+    _, residual = fit_shift_map(table, k)
+    assert residual > 0.7
+
+
+def test_fit_on_a_float32_table_is_computed_in_float64(device):
+    table = sinusoidal_encoding(200, 4, device=device)  # float32
+    m, residual = fit_shift_map(table, 2)
+    assert m.dtype == F64 and residual < 1e-6
+
+
+@given(dim=dims, base=bases, ids=st.lists(st.integers(0, 10**6), min_size=1, max_size=8))
+def test_embed_agrees_with_the_table_at_any_position(device, dim, base, ids):
+    pe = SinusoidalPE(dim=dim, sinusoidal_base=base)
+    out = pe.embed(torch.tensor([ids], device=device), F64)[0]
+    expected = torch.stack([sinusoidal_encoding(1, dim, base, p, dtype=F64, device=device)[0] for p in ids])
+    assert torch.equal(out, expected)
+
+
 # ---------------------------------------------------------------- (3) frozen snapshots
 
 
@@ -182,6 +287,14 @@ def test_snapshot_longest_wavelength_of_the_paper_model(device):
     ≈ 60 611.48 (the paper says the wavelengths form a progression from 2π to 10000·2π)."""
     omega = sinusoidal_frequencies(512, device=device)
     assert (2 * math.pi / omega[-1]).item() == pytest.approx(60611.477, abs=1e-3)
+
+
+def test_snapshot_profile(device):
+    """d = 4: ω = (1, 1/100), so Σ cos(k ω_i) at k = 1 is cos 1 + cos 0.01 = 0.540302305868 + 0.999950000417,
+    and at k = 0 it is d/2 = 2."""
+    profile = sinusoidal_dot_profile(torch.tensor([0, 1, -1], device=device), 4).cpu()
+    expected = torch.tensor([2.0, 1.540252306285, 1.540252306285], dtype=F64)
+    torch.testing.assert_close(profile, expected, rtol=0, atol=5e-13)
 
 
 # ---------------------------------------------------------------- bad input
@@ -242,3 +355,62 @@ def test_non_float_dtype_is_rejected(device):
         sinusoidal_encoding(2, 8, dtype=torch.int64, device=device)
     with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype, got torch.int32"):
         sinusoidal_shift_matrix(1, 8, dtype=torch.int32, device=device)
+
+
+def test_profile_offsets_must_be_an_integer_tensor(device):
+    with pytest.raises(TypeError, match=r"offsets must be an integer tensor, got dtype torch.float32"):
+        sinusoidal_dot_profile(torch.tensor([1.0], device=device), 8)
+    with pytest.raises(TypeError, match=r"offsets must be an integer tensor, got dtype torch.bool"):
+        sinusoidal_dot_profile(torch.tensor([True], device=device), 8)
+    with pytest.raises(TypeError, match=r"offsets must be a torch.Tensor, got list"):
+        sinusoidal_dot_profile([1, 2], 8)
+
+
+def test_profile_checks_dim_and_base(device):
+    with pytest.raises(ValueError, match=r"dim must be even.*got 7$"):
+        sinusoidal_dot_profile(torch.tensor([1], device=device), 7)
+    with pytest.raises(ValueError, match=r"base must be a finite number > 1, got 1.0"):
+        sinusoidal_dot_profile(torch.tensor([1], device=device), 8, 1.0)
+
+
+def test_fit_rejects_bad_tables(device):
+    with pytest.raises(ValueError, match=r"table must have 2 dimensions, got shape \(10,\)"):
+        fit_shift_map(torch.zeros(10, device=device), 1)
+    with pytest.raises(TypeError, match=r"table must be a floating-point tensor, got dtype torch.int64"):
+        fit_shift_map(torch.zeros(10, 2, dtype=torch.long, device=device), 1)
+    with pytest.raises(TypeError, match=r"table must be a torch.Tensor, got list"):
+        fit_shift_map([[0.0, 1.0]] * 10, 1)
+
+
+def test_fit_rejects_bad_offsets(device):
+    table = sinusoidal_encoding(20, 8, device=device)
+    with pytest.raises(ValueError, match=r"k must be an int >= 1, got 0$"):
+        fit_shift_map(table, 0)
+    with pytest.raises(TypeError, match=r"k must be an int, got True of type bool"):
+        fit_shift_map(table, True)
+    with pytest.raises(ValueError, match=r"k=13 leaves only n_positions - k = 7 row pairs.*dim \+ k = 21 rows, got 20"):
+        fit_shift_map(table, 13)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(dim=7), ValueError, r"dim must be even .*got 7$"),
+        (dict(dim=0), ValueError, r"dim must be an int >= 2, got 0$"),
+        (dict(dim=True), TypeError, r"dim must be an int, got True of type bool"),
+        (dict(dim=8, sinusoidal_base=1.0), ValueError, r"sinusoidal_base must be a finite number > 1, got 1.0$"),
+        (
+            dict(dim=8, sinusoidal_base=float("nan")),
+            ValueError,
+            r"sinusoidal_base must be a finite number > 1, got nan$",
+        ),
+        (
+            dict(dim=8, sinusoidal_base="1e4"),
+            TypeError,
+            r"sinusoidal_base must be a real number, got '1e4' of type str$",
+        ),
+    ],
+)
+def test_bad_module_options_are_rejected(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        SinusoidalPE(**kwargs)

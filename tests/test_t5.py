@@ -1,15 +1,29 @@
 """pebook.t5: T5's bucketed relative position bias (Raffel et al. 2020, §2.1).
 
 Reference: ``ref.t5_bucket`` (conftest) is ``_relative_position_bucket`` of transformers'
-``T5Attention`` (a port of Mesh TensorFlow's), quoted from the published source.
+``T5Attention`` (a port of Mesh TensorFlow's), quoted from the published source. The registry's
+``T5PE`` adds ``table[bucket(k_pos - q_pos), head]`` to the logits, with bidirectional buckets
+exactly when the attention is not causal.
 """
+
+import math
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pebook import T5RelativeBias, t5_relative_bucket
+import pebook
+from pebook import T5PE, T5RelativeBias, t5_relative_bucket
+
+F64 = torch.float64
+
+
+def t5_module(n_heads=3, causal=True, seed=0, **options):
+    """A T5PE with a random float64 table (N(0, 1), as nn.Embedding initialises it)."""
+    torch.manual_seed(seed)
+    return T5PE(n_heads=n_heads, causal=causal, **options).double()
+
 
 ALL_OFFSETS = torch.arange(-300, 301)
 # (bidirectional, num_buckets, max_distance), including T5's (32, 128) and edge configurations
@@ -60,6 +74,42 @@ def test_buckets_keep_shape_and_accept_int32(device, ref):
     got = t5_relative_bucket(rel.int())
     assert got.shape == (5, 7)
     assert torch.equal(got.cpu(), ref.t5_bucket(rel.cpu()))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 20), (6, 5)])
+def test_module_score_is_the_table_at_the_reference_bucket(device, ref, causal, num_buckets, max_distance):
+    """T5PE.logit_bias[b, h, i, j] = table[bucket(k_pos[b, j] - q_pos[b, i]), h], with the
+    reference buckets, bidirectional iff not causal; at batched, unordered, far-apart positions."""
+    enc = t5_module(3, causal, num_buckets=num_buckets, t5_max_distance=max_distance).to(device)
+    assert enc.relative_bias.bidirectional is (not causal)
+    q_pos = torch.tensor([[0, 7, 300, 12], [5, 5, 1, 0]], device=device)
+    k_pos = torch.tensor([[0, 1, 2, 20, 150, 299], [400, 3, 5, 9, 0, 1]], device=device)
+    bias = enc.logit_bias(q_pos, k_pos)
+    assert bias.shape == (2, 3, 4, 6) and bias.dtype == F64 and bias.device.type == device.type
+    relative = (k_pos[:, None, :] - q_pos[:, :, None]).cpu()  # (b, i, j): j - i
+    buckets = ref.t5_bucket(relative, not causal, num_buckets, max_distance)
+    table = enc.relative_bias.bias.weight.detach().cpu()
+    assert torch.equal(bias.detach().cpu(), table[buckets].permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_module_equals_the_bias_module_at_contiguous_positions(device, causal):
+    """Queries at offset … offset + q_len - 1 and keys at 0 … k_len - 1: T5RelativeBias.forward."""
+    enc = t5_module(2, causal).to(device)
+    q_pos, k_pos = torch.arange(150, 155, device=device)[None], torch.arange(200, device=device)[None]
+    assert torch.equal(enc.logit_bias(q_pos, k_pos)[0], enc.relative_bias(5, 200, 150))
+
+
+def test_module_in_attention_is_unscaled_t5_attention(device, rand, ref):
+    """T5 does not scale the logits (scale=1.0): softmax(q kᵀ + bias) v, causal, over a cache."""
+    enc = t5_module(4).to(device)
+    q, k, v = rand(2, 4, 2, 8, seed=0, device=device), *(rand(2, 4, 7, 8, seed=s, device=device) for s in (1, 2))
+    out = pebook.positional_attention(q, k, v, enc, scale=1.0)
+    relative = torch.arange(7)[None, :] - torch.arange(5, 7)[:, None]
+    bias = enc.relative_bias.bias.weight.detach().cpu()[ref.t5_bucket(relative, False)].permute(2, 0, 1).to(device)
+    expected = ref.attention(q * math.sqrt(8), k, v, bias=bias)  # ref divides by √d
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- (2) properties
@@ -131,6 +181,30 @@ def test_bias_module_gradient_reaches_only_used_buckets(device, ref):
     assert counts[6:].sum() == 0 and counts[0] == 6 + 15
     # d(sum)/d(row b) = number of (i, j) pairs in bucket b, for each head; unused rows get 0
     assert torch.equal(module.bias.weight.grad.cpu(), counts[:, None].expand(32, 2))
+
+
+@given(
+    shift=st.integers(0, 500),
+    causal=st.booleans(),
+    q=st.lists(st.integers(0, 300), min_size=1, max_size=5),
+    k=st.lists(st.integers(0, 300), min_size=1, max_size=5),
+)
+def test_module_bias_is_translation_invariant(device, shift, causal, q, k):
+    """A relative encoding: moving every query and key by the same amount changes nothing."""
+    enc = t5_module(2, causal).to(device)
+    q_pos, k_pos = torch.tensor([q], device=device), torch.tensor([k], device=device)
+    with torch.no_grad():
+        assert torch.equal(enc.logit_bias(q_pos + shift, k_pos + shift), enc.logit_bias(q_pos, k_pos))
+
+
+def test_module_gradient_reaches_only_used_buckets(device, ref):
+    enc = t5_module(2, causal=True).to(device)
+    pos = torch.arange(6, device=device)[None]
+    enc.logit_bias(pos, pos).sum().backward()
+    counts = torch.bincount(
+        ref.t5_bucket(torch.arange(6)[None, :] - torch.arange(6)[:, None], False).flatten(), minlength=32
+    )
+    assert torch.equal(enc.relative_bias.bias.weight.grad.cpu(), counts[:, None].double().expand(32, 2))
 
 
 # ---------------------------------------------------------------- (3) frozen snapshots
@@ -238,3 +312,23 @@ def test_bias_module_rejects_negative_lengths(device, args, pattern):
     module = T5RelativeBias(2).to(device)
     with pytest.raises(ValueError, match=pattern):
         module(*args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(causal=False, num_buckets=31), ValueError, r"num_buckets must be even when bidirectional=True, got 31$"),
+        (dict(num_buckets=1), ValueError, r"num_buckets must be an int >= 2, got 1$"),
+        (dict(t5_max_distance=0), ValueError, r"t5_max_distance must be an int >= 1, got 0$"),
+        (
+            dict(t5_max_distance=16),
+            ValueError,
+            r"max_distance must exceed the 16 exact buckets .* got max_distance=16$",
+        ),
+        (dict(t5_max_distance=128.0), TypeError, r"t5_max_distance must be an int, got 128.0 of type float$"),
+        (dict(n_heads=0), ValueError, r"n_heads must be an int >= 1, got 0$"),
+    ],
+)
+def test_module_rejects_bad_options(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        T5PE(**({"n_heads": 2} | kwargs))
