@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._checks import check_attention_inputs, check_bool, check_float_tensor, check_int, check_positions
-from .cache import KVCache
+from .cache import KVCache, check_cache
 from .encoding import PositionalEncoding
 from .masking import default_positions, storage_causal_mask
 from .registry import ENCODINGS, build_encoding, check_encoding
@@ -179,11 +179,9 @@ class MultiHeadAttention(nn.Module):
         b, t, _ = x.shape
         past_len = 0
         if past_kv is not None:
-            if not isinstance(past_kv, KVCache):
-                raise TypeError(
-                    f"past_kv must be the KVCache returned with return_kv=True, got {type(past_kv).__name__}"
-                )
-            past_len = past_kv.check(
+            past_len = check_cache(
+                "past_kv",
+                past_kv,
                 n_layers=1,
                 n_kv_heads=self.n_kv_heads,
                 head_dim=self.head_dim,

@@ -13,7 +13,7 @@ import torch
 
 from ._checks import check_float_tensor, check_int_tensor, same_device
 
-__all__ = ["KVCache"]
+__all__ = ["KVCache", "check_cache"]
 
 
 class KVCache:
@@ -96,3 +96,13 @@ class KVCache:
                 f"past_kvs.positions has shape {tuple(self.positions.shape)} but the new tokens have batch size {batch}"
             )
         return length
+
+
+def check_cache(name: str, cache, **shape) -> int:
+    """Check that ``cache`` (the argument ``name``) is a :class:`KVCache` fitting ``shape``; return its length.
+
+    ``shape``: the keyword arguments of :meth:`KVCache.check`.
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"{name} must be the KVCache returned with return_kv=True, got {type(cache).__name__}")
+    return cache.check(**shape)

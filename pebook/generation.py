@@ -32,7 +32,7 @@ from numbers import Real
 import torch
 
 from ._checks import check_float_dtype, check_int, check_int_tensor, check_positions, check_positive_float
-from .cache import KVCache
+from .cache import KVCache, check_cache
 from .model import TinyLM
 
 __all__ = [
@@ -101,12 +101,10 @@ def check_kv_cache(model: TinyLM, past_kvs, *, batch: int | None = None) -> int:
     cache is not longer than the table.
     """
     model = _check_model(model)
-    if not isinstance(past_kvs, KVCache):
-        raise TypeError(
-            f"past_kvs must be the KVCache returned by model(..., return_kv=True), got {type(past_kvs).__name__}"
-        )
     device, dtype = _placement(model)
-    length = past_kvs.check(
+    length = check_cache(
+        "past_kvs",
+        past_kvs,
         n_layers=model.n_layers,
         n_kv_heads=model.n_kv_heads,
         head_dim=model.head_dim,

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._checks import check_float_tensor, check_int, check_int_tensor
 from .attention import MultiHeadAttention, positions_for
-from .cache import KVCache
+from .cache import KVCache, check_cache
 from .registry import ENCODINGS, build_encoding, check_encoding, encoding_options
 
 __all__ = ["TransformerBlock", "TinyLM"]
@@ -145,12 +145,9 @@ class TinyLM(nn.Module):
             raise ValueError(f"tokens is on {tokens.device} but the model is on {weight.device}; move one of them")
         past_len = 0
         if past_kvs is not None:
-            if not isinstance(past_kvs, KVCache):
-                raise TypeError(
-                    "past_kvs must be the KVCache returned by model(..., return_kv=True), "
-                    f"got {type(past_kvs).__name__}"
-                )
-            past_len = past_kvs.check(
+            past_len = check_cache(
+                "past_kvs",
+                past_kvs,
                 n_layers=self.n_layers,
                 n_kv_heads=self.n_kv_heads,
                 head_dim=self.head_dim,
