@@ -1,7 +1,8 @@
 # pebook: build the book, run the tests, regenerate the reference outputs.
 #
-#   make book    build the HTML book (every chapter executed on the CPU) and check
-#                the executed chapters against tests/notebooks/ (no second execution)
+#   make book    build the HTML book (every chapter executed on the CPU), check the
+#                executed chapters against tests/notebooks/ (no second execution), then
+#                load every page in headless Chromium (tests/sitecheck.py; make sitecheck)
 #   make test    ruff (lint + format check) on pebook/, tests/ and the chapters' code, then the
 #                unit tests in tests/ + nbval on every chapter's reference notebook
 #   make bless   re-execute every chapter on the CPU into tests/notebooks/
@@ -20,6 +21,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pebook-installed
 BUILD  := _build
 NBREFS := $(PY) tests/nbrefs.py
+SITECHECK := $(PY) tests/sitecheck.py
+# The output of the last `jupyter-book build` (read by `sitecheck.py build-failure` on failure).
+BOOK_LOG := $(BUILD)/jupyter-book.log
 RUFF   := $(VENV)/bin/ruff
 # What ruff lints and format-checks (settings in pyproject.toml). The chapters' code is checked
 # through tests/notebooks/*.ipynb, which `nbrefs.py check` has just found equal to book/*.md;
@@ -41,11 +45,12 @@ book test bless check-refs: export JUPYTER_PREFER_ENV_PATH := 1
 # Silence debugpy's "frozen modules" note on kernel start-up.
 book test bless check-refs: export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help venv book test bless bench check-refs clean distclean
+.PHONY: help venv book sitecheck test bless bench check-refs clean distclean
 
 help:
 	@echo "make book        build the book into $(BUILD)/html (CPU; a warning or cell error fails it), then"
-	@echo "                 compare the executed chapters with tests/notebooks"
+	@echo "                 compare the executed chapters with tests/notebooks, check every page in Chromium"
+	@echo "make sitecheck   only the Chromium check of the built pages (screenshots in $(BUILD)/screenshots)"
 	@echo "make test        ruff, unit tests + nbval regression tests of tests/notebooks (what CI runs)"
 	@echo "make bless       re-execute every chapter on the CPU into tests/notebooks (CHAPTERS=... for some)"
 	@echo "make check-refs  only check that tests/notebooks is up to date with book/ and _toc.yml"
@@ -67,13 +72,29 @@ $(STAMP): requirements.txt pyproject.toml
 
 venv: $(STAMP)
 
+# Only the pages of _toc.yml are built (_config.yml), so a book/*.ipynb made with jupytext is
+# neither built nor compared. When the build fails, the last lines name the chapter, the cell
+# and the exception (or the warnings that -W made fatal), from $(BOOK_LOG) and the reports
+# of myst-nb under $(BUILD)/html/reports/.
+JB_BUILD := MPLBACKEND=$(INLINE_BACKEND) PYTHONUNBUFFERED=1 $(VENV)/bin/jupyter-book build . -n -W --keep-going
+
 book: $(STAMP)
-	rm -rf $(BUILD)/html $(BUILD)/.doctrees $(BUILD)/jupyter_execute
-	MPLBACKEND=$(INLINE_BACKEND) $(VENV)/bin/jupyter-book build . -n -W --keep-going
+	rm -rf $(BUILD)/html $(BUILD)/.doctrees $(BUILD)/jupyter_execute $(BUILD)/screenshots
+	@mkdir -p $(BUILD)
+	@echo '$(JB_BUILD)'
+	@rc=0; $(JB_BUILD) 2>&1 | tee $(BOOK_LOG) || rc=$$?; \
+	if [ $$rc -ne 0 ]; then echo >&2; $(SITECHECK) build-failure $(BOOK_LOG) --site $(BUILD)/html >&2; exit $$rc; fi
 	$(NBREFS) check
 	$(NBREFS) compare $(BUILD)/jupyter_execute --sanitize-with $(SANITIZE)
+	$(SITECHECK) browse $(BUILD)/html --screenshots $(BUILD)/screenshots
 	@echo
 	@echo "Book built: $(CURDIR)/$(BUILD)/html/index.html"
+
+# Headless Chromium (Debian's chromium package, /usr/bin/chromium) loads every page of the
+# last build: raw TeX, console errors, requests off 127.0.0.1, broken images and links,
+# horizontal scrolling at 1280 px, error outputs. Screenshots in $(BUILD)/screenshots/.
+sitecheck: $(STAMP)
+	$(SITECHECK) browse $(BUILD)/html --screenshots $(BUILD)/screenshots
 
 check-refs: $(STAMP)
 	$(NBREFS) check
