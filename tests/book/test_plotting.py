@@ -1,16 +1,18 @@
-"""pebook.book.plotting: the figures hold exactly the data they were given.
+"""pebook.book.plotting: the figures hold exactly the data they were given, laid out to be read.
 
-Each test checks the data behind the figure (image arrays, colour limits, line data, labels),
-not pixels. Figures are closed after every test.
+Each test checks the data behind the figure (image arrays, colour limits, line data, labels)
+or its layout after a draw (where the legend and the tick labels end up, in display
+coordinates), not pixels. Figures are closed after every test.
 """
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from pebook.book.plotting import plot_heatmap, plot_heatmaps, plot_lines
+from pebook.book.plotting import log_tick_label, plot_heatmap, plot_heatmaps, plot_lines
 
 
 @pytest.fixture(autouse=True)
@@ -85,6 +87,30 @@ def test_heatmaps_panels_hold_their_matrices_on_one_scale(device):
     assert "S" in [text.get_text() for text in fig.texts]  # the suptitle
 
 
+def test_heatmaps_wrap_into_rows_of_ncols_panels_of_panel_size(device):
+    tables = {f"head {h}": matrix(device, 4, 4, seed=h) for h in range(4)}
+    fig = plot_heatmaps(tables, ncols=2, panel_size=(4.0, 3.0))
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_subplotspec().get_geometry()[:2] for ax in panels] == [(2, 2)] * 4
+    assert [(ax.get_subplotspec().rowspan.start, ax.get_subplotspec().colspan.start) for ax in panels] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+    ]
+    assert tuple(fig.get_size_inches()) == (8.0, 6.0)
+    fig.canvas.draw()
+    for ax in panels:  # row and column indices: integer ticks only
+        for ticks in (ax.get_xticks(), ax.get_yticks()):
+            np.testing.assert_array_equal(ticks, np.round(ticks))
+    # by default at most three panels per row: about the width of the book's column
+    default = plot_heatmaps(tables)
+    assert default.get_size_inches()[0] == 9.0
+    assert sum(ax.get_subplotspec().rowspan.start == 0 for ax in default.axes if ax.images) == 3
+    with pytest.raises(ValueError, match="ncols must be at least 1, got 0"):
+        plot_heatmaps(tables, ncols=0)
+
+
 def test_heatmaps_symmetric_scale(device):
     tables = {"p": torch.tensor([[0.0, 3.0]], device=device), "q": torch.tensor([[-1.0, float("nan")]], device=device)}
     fig = plot_heatmaps(tables, symmetric=True)
@@ -134,3 +160,128 @@ def test_lines_reject_mismatched_shapes(device):
         plot_lines(torch.arange(4, device=device), {"a": [1, 2, 3, 4], "b": [1, 2, 3]})
     with pytest.raises(ValueError, match=r"series '' has shape \(2,\) but x has shape \(3,\)"):
         plot_lines([0, 1, 2], [1.0, 2.0])
+
+
+def _drawn(fig):
+    fig.canvas.draw()
+    return fig.canvas.get_renderer()
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def _visible_tick_labels(ax, axis="x"):
+    """(text, window extent) of every non-empty tick label drawn inside the axis' view."""
+    renderer = _drawn(ax.figure)
+    axis = ax.xaxis if axis == "x" else ax.yaxis
+    low, high = sorted(axis.get_view_interval())
+    labels = []
+    for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+        label = tick.label1
+        if label.get_visible() and label.get_text() and low <= tick.get_loc() <= high:
+            labels.append((label.get_text(), label.get_window_extent(renderer)))
+    return labels
+
+
+def _many_series(n=7, length=5):
+    x = [64 * 2**i for i in range(length)]
+    rng = np.random.default_rng(0)
+    return x, {f"series {i}": rng.uniform(1.0, 3.0, length).tolist() for i in range(n)}
+
+
+def test_legend_outside_sits_right_of_the_axes_within_the_figure():
+    x, ys = _many_series()
+    fig = plot_lines(x, ys, logx=True, marker="o", legend="outside", figsize=(7.5, 4.0))
+    renderer = _drawn(fig)
+    (ax,) = fig.axes
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == list(ys)
+    box, frame = legend.get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert box.x0 >= frame.x1  # covers no curve
+    figure = fig.bbox
+    assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1
+    assert frame.width > 0.5 * figure.width  # the axes keep most of the width
+
+
+@pytest.mark.parametrize("where", ["lower right", "upper left"])
+def test_legend_at_a_chosen_corner_or_none(where):
+    fig = plot_lines([0, 1, 2], {"a": [0.0, 1.0, 2.0], "b": [2.0, 1.0, 0.0]}, legend=where, legend_ncols=2)
+    renderer = _drawn(fig)
+    ax = fig.axes[0]
+    box, frame = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    right, top = box.x1 > frame.x0 + frame.width / 2, box.y1 > frame.y0 + frame.height / 2
+    assert (right, top) == {"lower right": (True, False), "upper left": (False, True)}[where]
+    a, b = (text.get_window_extent(renderer) for text in ax.get_legend().get_texts())
+    assert a.y0 == pytest.approx(b.y0) and a.x1 < b.x0  # legend_ncols=2: side by side
+    assert plot_lines([0, 1], {"a": [0.0, 1.0]}, legend=None).axes[0].get_legend() is None
+
+
+@pytest.mark.parametrize("x", [[64, 128, 256, 512, 1024], [128, 256, 512, 1024, 2048], [32, 48, 64, 96, 128, 192, 256]])
+def test_log_axis_tick_labels_do_not_overlap(x):
+    fig = plot_lines(x, {"a": np.linspace(1, 2, len(x)), "b": np.linspace(2, 1, len(x))}, logx=True)
+    ax = fig.axes[0]
+    assert all(not t.label1.get_text() for t in ax.xaxis.get_minor_ticks())  # minor ticks unlabelled
+    labels = _visible_tick_labels(ax)
+    assert len(labels) >= 2
+    for i, (text_a, a) in enumerate(labels):
+        for text_b, b in labels[i + 1 :]:
+            assert not _overlap(a, b), (text_a, text_b)
+    assert all("times" not in text for text, _ in labels)  # plain numbers inside 1e-3 .. 1e5
+
+
+def test_explicit_xticks_are_the_labelled_ticks():
+    x = [64, 128, 256, 512, 1024]
+    fig = plot_lines(x, [2.0, 2.1, 2.2, 2.4, 2.6], logx=True, xticks=x)
+    ax = fig.axes[0]
+    np.testing.assert_array_equal(ax.get_xticks(), np.array(x, float))
+    assert [text for text, _ in _visible_tick_labels(ax)] == ["64", "128", "256", "512", "1024"]
+    linear = plot_lines([0, 5, 10], [1.0, 2.0, 3.0], xticks=[0, 5, 10]).axes[0]
+    assert [text for text, _ in _visible_tick_labels(linear)] == ["0", "5", "10"]
+
+
+def test_log_y_axis_over_many_decades_labels_powers_of_ten():
+    fig = plot_lines([0, 1, 2], [1e-16, 1e-8, 1.0], logy=True)
+    texts = [text for text, _ in _visible_tick_labels(fig.axes[0], "y")]
+    assert "$10^{-16}$" in texts and "$10^{0}$" in texts  # one style on the whole axis
+    assert all(text.startswith("$10^{") for text in texts)
+    assert all(not t.label1.get_text() for t in fig.axes[0].yaxis.get_minor_ticks())
+
+
+@pytest.mark.parametrize(
+    ("value", "label"),
+    [
+        (64.0, "64"),
+        (1000.0, "1000"),
+        (0.01, "0.01"),
+        (0.005, "0.005"),
+        (1e-16, "$10^{-16}$"),
+        (2e6, "$2\\times10^{6}$"),
+        (1e5, "$10^{5}$"),
+        (0.0, ""),
+        (-1.0, ""),
+        (float("nan"), ""),
+    ],
+)
+def test_log_tick_label(value, label):
+    assert log_tick_label(value) == label
+    assert (
+        log_tick_label(0.01, plain=False) == "$10^{-2}$" and log_tick_label(64.0, plain=False) == "$6.4\\times10^{1}$"
+    )
+
+
+def test_styles_set_line_properties_and_the_legend_shows_them():
+    x = [1, 2, 3]
+    ys = {"rope": [1.0, 2.0, 3.0], "rope +ft": [0.5, 1.0, 1.5], "L = 2": [2.0, 2.0, 2.0]}
+    styles = {"rope +ft": {"color": "C0", "linestyle": "--"}, "L = 2": {"marker": "", "linestyle": ":"}}
+    fig = plot_lines(x, ys, marker="o", styles=styles)
+    ax = fig.axes[0]
+    plain, tuned, reference = ax.get_lines()
+    assert to_rgb(tuned.get_color()) == to_rgb(plain.get_color())  # "C0": the first series' colour
+    assert (tuned.get_linestyle(), tuned.get_marker()) == ("--", "o")
+    assert (reference.get_linestyle(), reference.get_marker()) == (":", "")
+    handles = ax.get_legend().legend_handles
+    assert [(h.get_linestyle(), h.get_marker()) for h in handles] == [("-", "o"), ("--", "o"), (":", "")]
+    np.testing.assert_array_equal(tuned.get_ydata(), np.array(ys["rope +ft"]))
+    with pytest.raises(ValueError, match=r"styles name series that are not plotted: \['yarn'\]"):
+        plot_lines(x, ys, styles={"yarn": {"color": "C1"}})

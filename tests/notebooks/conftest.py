@@ -1,11 +1,12 @@
-"""nbval runs of the reference notebooks: start every kernel with matplotlib's inline backend.
+"""nbval runs of the reference notebooks: every kernel gets matplotlib's inline backend.
 
-The book build and ``make bless`` run chapters in kernels whose figures are displayed inline
-(``image/png`` + ``text/plain`` outputs, stored in the references). A kernel inherits the
-environment of the pytest process, and an ``MPLBACKEND=Agg`` there (set by a shell or by
-tests/conftest.py for the unit tests) would make ``plt.show()`` display nothing, so nbval
-would report the figures as missing. nbval starts a notebook's kernel while setting up the
-notebook's first cell, so the backend is pinned for exactly that moment and restored after.
+The book build and ``make bless`` run chapters in kernels whose figures are displayed
+inline (``image/png`` + ``text/plain`` outputs, stored in the references). A kernel
+inherits the environment of the pytest process, and an ``MPLBACKEND=Agg`` there (set by
+a shell or by tests/conftest.py for the unit tests) would make ``plt.show()`` display
+nothing, so nbval would report the figures as missing. nbval starts a notebook's kernel
+while setting up the notebook's first cell, so the backend is pinned for exactly that
+moment and restored after.
 """
 
 from __future__ import annotations
