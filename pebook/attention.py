@@ -20,7 +20,7 @@ from torch import nn
 from ._checks import check_attention_inputs, check_bool, check_float_tensor, check_int, check_positions
 from .cache import KVCache, check_cache
 from .encoding import PositionalEncoding
-from .masking import default_positions, storage_causal_mask
+from .masking import check_causal_lengths, default_positions, storage_causal_mask
 from .registry import ENCODINGS, build_encoding, check_encoding
 
 __all__ = ["ENCODINGS", "positional_attention", "MultiHeadAttention"]
@@ -84,11 +84,7 @@ def positional_attention(
     _check_encoding_fits(encoding, h, d, check_bool("causal", causal))
     scale = _check_scale(scale)
     q_pos, k_pos = default_positions(b, lq, lk, q.device, position_ids, key_position_ids)
-    if causal and lq > lk:  # the first queries would see no key at all
-        raise ValueError(
-            f"causal attention needs q_len <= k_len (the queries are the last q_len of the k_len stored keys), "
-            f"got q_len={lq}, k_len={lk}"
-        )
+    check_causal_lengths(causal, lq, lk)
     q, k = encoding.rotate(q, q_pos), encoding.rotate(k, k_pos)
     mask = storage_causal_mask(lq, lk, q.device) if causal else None
     return encoding.attend(q, k, v, q_pos, k_pos, mask=mask, scale=scale)

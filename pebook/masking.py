@@ -16,7 +16,7 @@ import torch
 
 from ._checks import check_int, check_positions
 
-__all__ = ["causal_mask", "query_positions", "storage_causal_mask", "default_positions"]
+__all__ = ["causal_mask", "query_positions", "storage_causal_mask", "check_causal_lengths", "default_positions"]
 
 
 def query_positions(q_len: int, offset: int = 0, *, device=None) -> torch.Tensor:
@@ -43,6 +43,15 @@ def storage_causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     """:func:`causal_mask` for queries that are the last ``q_len`` of ``k_len`` stored keys (no checks)."""
     rows = torch.arange(k_len - q_len, k_len, device=device)
     return torch.arange(k_len, device=device)[None, :] <= rows[:, None]
+
+
+def check_causal_lengths(causal: bool, q_len: int, k_len: int) -> None:
+    """Causal attention over stored keys needs ``q_len <= k_len``: otherwise the first queries see no key."""
+    if causal and q_len > k_len:
+        raise ValueError(
+            f"causal attention needs q_len <= k_len (the queries are the last q_len of the k_len stored keys), "
+            f"got q_len={q_len}, k_len={k_len}"
+        )
 
 
 def default_positions(batch, q_len, k_len, device, position_ids=None, key_position_ids=None):

@@ -26,7 +26,7 @@ from torch import nn
 
 from ._checks import check_attention_inputs, check_float_tensor, check_int, check_same_placement
 from .encoding import PositionalEncoding
-from .masking import causal_mask, default_positions, storage_causal_mask
+from .masking import causal_mask, check_causal_lengths, default_positions, storage_causal_mask
 
 __all__ = ["relative_position_index", "reachable_offsets", "shaw_attention", "shaw_attention_naive", "ShawPE"]
 
@@ -89,14 +89,6 @@ def _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, position_ids, key_po
     return max_distance, q_pos, k_pos
 
 
-def _check_causal_lengths(causal: bool, q_len: int, k_len: int) -> None:
-    if causal and q_len > k_len:
-        raise ValueError(
-            f"causal attention needs q_len <= k_len (the queries are the last q_len of the k_len stored keys), "
-            f"got q_len={q_len}, k_len={k_len}"
-        )
-
-
 def _index(q_pos: torch.Tensor, k_pos: torch.Tensor, max_distance: int) -> torch.Tensor:
     """Row ``clip(j - i, -k, k) + k`` for every (query, key) pair: shape ``(batch, q_len, k_len)``."""
     relative = k_pos[:, None, :] - q_pos[:, :, None]
@@ -149,7 +141,7 @@ def shaw_attention(
     ``scale`` defaults to ``1/√head_dim``. Returns ``(batch, heads, q_len, head_dim)``.
     """
     max_distance, q_pos, k_pos = _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, position_ids, key_position_ids)
-    _check_causal_lengths(causal, q.shape[2], k.shape[2])
+    check_causal_lengths(causal, q.shape[2], k.shape[2])
     mask = storage_causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _shaw_core(q, k, v, rel_k, rel_v, _index(q_pos, k_pos, max_distance), mask, scale)
@@ -172,7 +164,7 @@ def shaw_attention_naive(
     For teaching and benchmarks only: its memory grows as ``L²·d``. Use :func:`shaw_attention`.
     """
     max_distance, q_pos, k_pos = _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, position_ids, key_position_ids)
-    _check_causal_lengths(causal, q.shape[2], k.shape[2])
+    check_causal_lengths(causal, q.shape[2], k.shape[2])
     k, v = _expand_kv(q, k, v)
     index = _index(q_pos, k_pos, max_distance)
     a_k, a_v = rel_k[index], rel_v[index]  # (batch, lq, lk, d) each
