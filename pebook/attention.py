@@ -20,7 +20,7 @@ from torch import nn
 from ._checks import check_attention_inputs, check_bool, check_float_tensor, check_int, check_positions
 from .cache import KVCache, check_cache
 from .encoding import PositionalEncoding
-from .masking import check_causal_lengths, default_positions, storage_causal_mask
+from .masking import check_causal_lengths, default_positions
 from .registry import ENCODINGS, build_encoding, check_encoding
 
 __all__ = ["ENCODINGS", "positional_attention", "MultiHeadAttention"]
@@ -86,8 +86,7 @@ def positional_attention(
     q_pos, k_pos = default_positions(b, lq, lk, q.device, position_ids, key_position_ids)
     check_causal_lengths(causal, lq, lk)
     q, k = encoding.rotate(q, q_pos), encoding.rotate(k, k_pos)
-    mask = storage_causal_mask(lq, lk, q.device) if causal else None
-    return encoding.attend(q, k, v, q_pos, k_pos, mask=mask, scale=scale)
+    return encoding.attend(q, k, v, q_pos, k_pos, causal=causal, scale=scale)
 
 
 class MultiHeadAttention(nn.Module):
@@ -209,8 +208,7 @@ class MultiHeadAttention(nn.Module):
         q, k = self.position.rotate(q, q_pos), self.position.rotate(k, q_pos)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        mask = storage_causal_mask(t, k.shape[2], x.device) if self.causal else None
-        out = self.position.attend(q, k, v, q_pos, k_pos, mask=mask, scale=self.scale, bias=bias)
+        out = self.position.attend(q, k, v, q_pos, k_pos, causal=self.causal, scale=self.scale, bias=bias)
         return self.out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (k, v)
 
     def extra_repr(self) -> str:

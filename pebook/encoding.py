@@ -34,24 +34,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .masking import storage_causal_mask
+
 __all__ = ["PLACES", "PositionalEncoding", "LogitBias", "sdpa"]
 
 PLACES = ("none", "input", "qk", "logits", "key_value")
 
 
-def sdpa(q, k, v, *, mask, scale, bias=None) -> torch.Tensor:
-    """``softmax(q kᵀ · scale + bias) v`` with a boolean ``mask`` (True = visible) or ``None``.
+def sdpa(q, k, v, *, causal: bool, scale, bias=None) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + bias) v``, with the storage-order causal mask if ``causal``.
 
-    ``k`` and ``v`` may have fewer heads than ``q`` (a divisor: grouped-query attention).
-    ``mask`` is ``(q_len, k_len)``; ``bias`` is ``(batch or 1, heads, q_len, k_len)`` in any
-    float dtype. Runs on ``torch.nn.functional.scaled_dot_product_attention``.
+    ``k`` and ``v`` may have fewer heads than ``q`` (a divisor: grouped-query attention);
+    ``bias`` is ``(batch or 1, heads, q_len, k_len)`` in any float dtype. With ``causal`` the
+    queries are the last ``q_len`` of the ``k_len`` keys. Runs on
+    ``torch.nn.functional.scaled_dot_product_attention``; a mask is built only when SDPA's own
+    ``is_causal`` flag cannot express it (a bias, or fewer queries than keys).
     """
     gqa = k.shape[1] != q.shape[1]
+    lq, lk = q.shape[-2], k.shape[-2]
+    if bias is None and (not causal or lq == lk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    mask = storage_causal_mask(lq, lk, q.device) if causal else None
     if bias is None:
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-        if mask.shape[0] == mask.shape[1]:  # square storage-order causal mask: SDPA's own flag
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     bias = bias.to(q.dtype)
     if mask is not None:
@@ -109,12 +113,13 @@ class PositionalEncoding(nn.Module):
     def check_positions(self, last_position: int) -> None:
         """Raise ``ValueError`` if the encoding cannot place a token at ``last_position``."""
 
-    def attend(self, q, k, v, q_pos, k_pos, *, mask, scale, bias=None) -> torch.Tensor:
+    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None) -> torch.Tensor:
         """Attention of ``q`` over ``k, v`` (``(batch, heads, seq, head_dim)``, keys possibly with
-        fewer heads). ``bias``: a precomputed :meth:`logit_bias` (a model shares one across layers)."""
+        fewer heads), causal in storage order if ``causal``. ``bias``: a precomputed
+        :meth:`logit_bias` (a model shares one across layers)."""
         if bias is None:
             bias = self.logit_bias(q_pos, k_pos)
-        return sdpa(q, k, v, mask=mask, scale=scale, bias=bias)
+        return sdpa(q, k, v, causal=causal, scale=scale, bias=bias)
 
     # -- half precision ---------------------------------------------------------------------------
 

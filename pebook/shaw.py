@@ -198,8 +198,9 @@ class ShawPE(PositionalEncoding):
         shape = (2 * self.max_distance + 1, self.head_dim)
         return {"rel_k": (shape, True), "rel_v": (shape, True)}
 
-    def attend(self, q, k, v, q_pos, k_pos, *, mask, scale, bias=None):
+    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
+        mask = storage_causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
         index = _index(q_pos, k_pos, self.max_distance)
         return _shaw_core(q, k, v, self.rel_k, self.rel_v, index, mask, scale)
 

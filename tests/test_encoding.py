@@ -132,8 +132,7 @@ def test_only_the_hook_of_its_place_acts(encoding_name, device, rand, ref):
     else:
         assert bias is None
 
-    mask = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)  # storage order
-    out = enc.attend(q, k, v, q_pos, k_pos, mask=mask, scale=None)
+    out = enc.attend(q, k, v, q_pos, k_pos, causal=True, scale=None)  # storage order
     plain = ref.attention(q, k, v, bias=bias, causal=True)
     assert out.shape == (b, h, lq, d)
     if enc.place == "key_value":
@@ -149,7 +148,7 @@ def test_attend_uses_a_precomputed_bias_and_scale(bias_encoding_name, device, ra
     q, k, v = (rand(1, 4, 5, 4, seed=s, device=device) for s in (4, 5, 6))
     pos = torch.arange(5, device=device)[None]
     other = rand(1, 4, 5, 5, seed=7, device=device)
-    out = enc.attend(q, k, v, pos, pos, mask=None, scale=0.5, bias=other)
+    out = enc.attend(q, k, v, pos, pos, causal=False, scale=0.5, bias=other)
     expected = ((q @ k.transpose(-1, -2)) * 0.5 + other).softmax(-1) @ v
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
