@@ -38,6 +38,19 @@ def test_split_is_deterministic_disjoint_and_every_tenth_chapter():
         corpus.split_text(1)
 
 
+def test_heldout_verses_repeated_in_training_are_counted_as_the_docstring_says():
+    train, heldout = corpus.split_text()
+
+    def verses(text):
+        return [line for chapter in text.split("\n\n") for line in chapter.split("\n")[1:] if line]
+
+    train_verses = set(verses(train))
+    heldout_verses = verses(heldout)
+    repeated = [v for v in heldout_verses if v in train_verses]
+    assert (len(heldout_verses), len(set(repeated)), len(repeated)) == (3057, 36, 45)
+    assert "36 distinct held-out verses, 45 of its 3,057" in corpus.__doc__.replace("\n  ", " ")
+
+
 def test_tokenisation_round_trip_and_errors():
     text = corpus.chapters()[0][:500]
     tokens = corpus.encode(text)
