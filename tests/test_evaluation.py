@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pebook as pb
-from pebook.book.evaluation import TokenScores, paired_by_context, score_tokens, window_starts
+from pebook.book.evaluation import TokenScores, paired_by_context, score_tokens, window_context, window_starts
 
 VOCAB = 11
 
@@ -109,6 +109,8 @@ def test_nonoverlapping_context_pattern_snapshot():
     sliding = score_tokens(Unigram(), tokens, 4, stride=2)
     assert window_starts(10, 4, 2) == [0, 2, 4, 6]
     assert sliding.context.tolist() == [1, 2, 3, 4, 3, 4, 3, 4, 3, 4]
+    assert torch.equal(window_context(10, 4), scores.context)
+    assert torch.equal(window_context(10, 4, 2), sliding.context)
 
 
 def test_a_model_that_needs_one_token_gains_nothing_from_longer_windows():

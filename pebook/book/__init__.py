@@ -8,6 +8,8 @@ use on top of it, each imported explicitly where it is needed:
 * :mod:`pebook.book.errata` — runs the source documents' code listings (``seed_listings/``)
 * :mod:`pebook.book.corpus` — the training corpus shipped in ``data/`` (the King James Bible)
 * :mod:`pebook.book.training` — a small training and evaluation loop for ``TinyLM``
+* :mod:`pebook.book.evaluation` — every held-out token scored in non-overlapping or sliding windows
+* :mod:`pebook.book.ngram` — byte n-gram baselines (interpolated Witten–Bell)
 * :mod:`pebook.book.experiments` — experiments that train models (``python -m pebook.book.experiments.<name>``)
 * :mod:`pebook.book.bench` — the benchmark of ``make bench`` (``python -m pebook.book.bench``)
 

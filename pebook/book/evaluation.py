@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .._checks import check_int, check_int_tensor
 
-__all__ = ["TokenScores", "window_starts", "score_tokens", "paired_by_context"]
+__all__ = ["TokenScores", "window_starts", "window_context", "score_tokens", "paired_by_context"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,30 @@ def window_starts(n_targets: int, length: int, stride: int) -> list[int]:
     return starts
 
 
+def _first_scored(starts: torch.Tensor, length: int) -> torch.Tensor:
+    """First window position each window scores: everything past the previous window's end."""
+    previous_end = torch.cat((torch.zeros(1, dtype=torch.long), starts[:-1] + length))
+    return previous_end - starts
+
+
+def window_context(n_targets: int, length: int, stride: int | None = None) -> torch.Tensor:
+    """How many tokens each of ``n_targets`` targets conditions on, read in windows of ``length``.
+
+    The ``context`` that :func:`score_tokens` records, without a model (for scoring other
+    models, e.g. n-grams, under the same windows).
+    """
+    stride = length if stride is None else stride
+    starts = torch.tensor(window_starts(n_targets, length, stride))
+    length = min(length, n_targets)
+    first = _first_scored(starts, length)
+    context = torch.zeros(n_targets, dtype=torch.long)
+    positions = torch.arange(length)
+    scored = positions >= first[:, None]
+    index = starts[:, None] + positions
+    context[index[scored]] = (positions + 1).expand_as(index)[scored]
+    return context
+
+
 @torch.no_grad()
 def score_tokens(
     model,
@@ -100,9 +124,7 @@ def score_tokens(
     device = torch.device(device) if device is not None else next(model.parameters()).device
 
     starts_t = torch.tensor(starts)
-    # first window position each window scores: everything past the previous window's end
-    previous_end = torch.cat((torch.zeros(1, dtype=torch.long), starts_t[:-1] + length))
-    first_scored = previous_end - starts_t
+    first_scored = _first_scored(starts_t, length)
     window_positions = torch.arange(length)
 
     loss = torch.full((n_targets,), float("nan"), dtype=torch.float64)

@@ -2,5 +2,10 @@
 
 * :mod:`pebook.book.experiments.extrapolation` — train short, test long: one ``TinyLM`` per positional
   encoding trained at one length and evaluated at up to 16× that length (the experiment of
-  Press, Smith & Lewis 2022, Fig. 1), plus RoPE context extension.
+  Press, Smith & Lewis 2022, Fig. 1), plus RoPE context extension (one seed, sampled evaluation;
+  the schema of the committed ``extrapolation_full.json``).
+* :mod:`pebook.book.experiments.length_extrapolation` — the same experiment to the papers'
+  standard: several seeds, non-overlapping and sliding evaluation of every held-out byte, paired
+  per-token differences by context, models trained at the longer lengths, n-gram baselines, and
+  results that merge across runs of different encodings.
 """
