@@ -8,4 +8,6 @@
   standard: several seeds, non-overlapping and sliding evaluation of every held-out byte, paired
   per-token differences by context, models trained at the longer lengths, n-gram baselines, and
   results that merge across runs of different encodings.
+* :mod:`pebook.book.experiments.retrieval` — passkey retrieval: does a model trained at length
+  ``L`` reach a token more than ``L`` positions back, at distances binned up to 16 ``L``?
 """

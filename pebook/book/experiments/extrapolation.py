@@ -37,7 +37,6 @@ import copy
 import json
 import math
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -46,11 +45,11 @@ from pathlib import Path
 
 import torch
 
-from ... import __version__ as PEBOOK_VERSION
 from ...registry import ENCODINGS
 from ...utils import default_device
 from .. import corpus
 from ..training import TrainConfig, TrainState, build_model, evaluate_length, loss_by_bucket, train
+from ._records import device_info, jsonable, versions, write_json
 
 __all__ = [
     "PRESETS",
@@ -350,51 +349,6 @@ def context_extension(
 # ------------------------------------------------------------------------------------ the whole run
 
 
-def _device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_model() or platform.processor() or platform.machine() or "cpu"
-    return {
-        "device": str(device),
-        "device_name": name,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _versions() -> dict:
-    import numpy
-
-    return {
-        "pebook": PEBOOK_VERSION,
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
-def _jsonable(config: dict) -> dict:
-    return json.loads(json.dumps(config))
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def run(
     preset: str = "chapter",
     *,
@@ -426,12 +380,12 @@ def run(
             if not resume:
                 raise FileExistsError(f"{run_path} holds a run already; pass resume=True (--resume) or remove it")
             saved = json.loads(cfg_file.read_text())
-            if saved["config"] != _jsonable(config) or saved["preset"] != preset:
+            if saved["config"] != jsonable(config) or saved["preset"] != preset:
                 raise ValueError(f"{run_path} holds a run with other hyper-parameters; cannot resume it with these")
             meta = saved["meta"]
         else:
             run_path.mkdir(parents=True, exist_ok=True)
-            _write_json(cfg_file, {"preset": preset, "config": _jsonable(config), "meta": meta})
+            write_json(cfg_file, {"preset": preset, "config": jsonable(config), "meta": meta})
 
     t_start = time.perf_counter()
     spent = meta["wall_time_s"]
@@ -439,7 +393,7 @@ def run(
     def save_meta():
         if run_path is not None:
             meta["wall_time_s"] = spent + time.perf_counter() - t_start
-            _write_json(run_path / "config.json", {"preset": preset, "config": _jsonable(config), "meta": meta})
+            write_json(run_path / "config.json", {"preset": preset, "config": jsonable(config), "meta": meta})
 
     results_by_encoding: dict[str, dict] = {}
     rope_model = None
@@ -492,7 +446,7 @@ def run(
             if run_path is not None:
                 if encoding == "rope":
                     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, run_path / "rope.model.pt")
-                _write_json(done_file, record)
+                write_json(done_file, record)
                 ckpt_file.unlink(missing_ok=True)
                 save_meta()
             if encoding == "rope":
@@ -505,7 +459,7 @@ def run(
 
             def on_record(records):
                 if ext_file is not None:
-                    _write_json(ext_file, records)
+                    write_json(ext_file, records)
                     save_meta()
 
             ext_records = context_extension(
@@ -523,10 +477,10 @@ def run(
     results = {
         "schema": SCHEMA,
         "preset": preset,
-        "config": _jsonable(config),
+        "config": jsonable(config),
         "seed": config["seed"],
-        **_device_info(device),
-        "versions": _versions(),
+        **device_info(device),
+        "versions": versions(),
         **meta_now,
         "data": {
             "corpus": "King James Version of the Bible (pebook/book/data/kjv.txt.xz), byte-level tokens",
@@ -543,7 +497,7 @@ def run(
     target = Path(out) if out is not None else (run_path / "results.json" if run_path is not None else None)
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(target, results)
+        write_json(target, results)
     return results
 
 

@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -51,12 +50,12 @@ from pathlib import Path
 
 import torch
 
-from ... import __version__ as PEBOOK_VERSION
 from ...registry import ENCODINGS
 from ...utils import default_device
 from .. import corpus
 from ..evaluation import TokenScores, paired_by_context, score_tokens, window_context
 from ..training import TrainConfig, build_model, train
+from ._records import device_info, jsonable, parse_ints, versions, write_json
 
 __all__ = [
     "SCHEMA",
@@ -323,38 +322,6 @@ def ngram_baselines(config: dict, tokens=None) -> dict:
 # ------------------------------------------------------------------------------------ whole runs
 
 
-def _device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = _cpu_model() or platform.processor() or platform.machine() or "cpu"
-    return {"device": str(device), "device_name": name, "torch_threads": torch.get_num_threads()}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _versions() -> dict:
-    return {"pebook": PEBOOK_VERSION, "torch": torch.__version__, "python": platform.python_version()}
-
-
-def _jsonable(obj):
-    return json.loads(json.dumps(obj))
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def _one_run(encoding, config, seed, device, progress) -> dict:
     t0 = time.perf_counter()
     model, state = train_model(encoding, config, seed, device=device, progress=progress)
@@ -372,7 +339,7 @@ def _one_run(encoding, config, seed, device, progress) -> dict:
         long_record["final_train_loss"] = long_state.history[-1][1]
         record["long"].append(long_record)
     record["wall_time_s"] = time.perf_counter() - t0
-    record.update(_device_info(device))
+    record.update(device_info(device))
     return record
 
 
@@ -408,10 +375,10 @@ def run(
     if run_path is not None:
         run_path.mkdir(parents=True, exist_ok=True)
         cfg_file = run_path / "config.json"
-        saved = {"preset": preset, "config": _jsonable(config)}
+        saved = {"preset": preset, "config": jsonable(config)}
         if cfg_file.exists() and json.loads(cfg_file.read_text()) != saved:
             raise ValueError(f"{run_path} holds a run with other hyper-parameters; use another run_dir")
-        _write_json(cfg_file, saved)
+        write_json(cfg_file, saved)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     runs: dict[str, dict] = {}
@@ -421,17 +388,17 @@ def run(
             if done is not None and done.exists():
                 record = json.loads(done.read_text())
             else:
-                record = _jsonable(_one_run(encoding, config, seed, device, progress))
+                record = jsonable(_one_run(encoding, config, seed, device, progress))
                 if done is not None:
-                    _write_json(done, record)
+                    write_json(done, record)
             runs.setdefault(encoding, {})[str(seed)] = record
     train_tokens, heldout = corpus.corpus_tokens("train"), corpus.corpus_tokens("heldout")
     results = {
         "schema": SCHEMA,
         "preset": preset,
-        "config": _jsonable(config),
-        **_device_info(device),
-        "versions": _versions(),
+        "config": jsonable(config),
+        **device_info(device),
+        "versions": versions(),
         "started": started,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": time.perf_counter() - t0,
@@ -443,12 +410,12 @@ def run(
             "scored_tokens": int(scored_tokens(config).numel() - 1),
         },
         "runs": runs,
-        "baselines": _jsonable(ngram_baselines(config)) if baselines else None,
+        "baselines": jsonable(ngram_baselines(config)) if baselines else None,
     }
     validate_results(results)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        _write_json(Path(out), results)
+        write_json(Path(out), results)
     return results
 
 
@@ -541,10 +508,6 @@ def load_results(name: str = "length_extrapolation_full.json") -> dict:
     return results
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pebook.book.experiments.length_extrapolation", description=__doc__.split("\n\n")[0]
@@ -565,7 +528,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or f"length_extrapolation_{args.preset}"
     encodings = tuple(args.encodings.split(",")) if args.encodings else None
-    seeds = _ints(args.seeds) if args.seeds else None
+    seeds = parse_ints(args.seeds) if args.seeds else None
     out = args.out or str(Path(run_dir) / "results.json")
     results = run(
         args.preset,
@@ -579,7 +542,7 @@ def main(argv=None) -> int:
     if args.merge_into:
         target = Path(args.merge_into)
         merged = merge_results(json.loads(target.read_text()), results) if target.exists() else results
-        _write_json(target, merged)
+        write_json(target, merged)
         print(f"merged into {target}")
     multiples = results["config"]["eval_multiples"]
     print(f"{'encoding':>11}  " + "  ".join(f"{m:>14}x" for m in multiples))

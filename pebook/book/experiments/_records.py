@@ -1,0 +1,74 @@
+"""What every experiment's results file records about where and how it ran, and how it is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from ... import __version__ as PEBOOK_VERSION
+
+__all__ = ["device_info", "versions", "write_json", "jsonable", "parse_ints"]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def device_info(device: torch.device) -> dict:
+    """The device, its name (GPU model or CPU model), torch's thread count and the CPU count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_model() or platform.processor() or platform.machine() or "cpu"
+    return {
+        "device": str(device),
+        "device_name": name,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def versions() -> dict:
+    """Versions of pebook, torch, numpy and Python, and the platform string."""
+    import numpy
+
+    return {
+        "pebook": PEBOOK_VERSION,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def jsonable(obj):
+    """``obj`` as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(obj))
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` to ``path`` atomically (a temporary file, then a rename), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def parse_ints(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)`` (command-line lists)."""
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
