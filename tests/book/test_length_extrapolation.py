@@ -132,3 +132,20 @@ def test_bad_arguments_are_named():
         le.run("micro", seeds=(-1,), baselines=False)
     with pytest.raises(ValueError, match="schema"):
         le.validate_results({"schema": "other"})
+
+
+def test_encoding_variants_carry_options():
+    assert le.parse_variant("rope") == ("rope", {})
+    assert le.parse_variant("t5:t5_max_distance=64") == ("t5", {"t5_max_distance": 64})
+    assert le.parse_variant("rope:base=500000.5") == ("rope", {"base": 500000.5})
+    config = le.preset_config("micro", steps=1, long_multiples=())
+    model, _ = le.train_model("t5:t5_max_distance=20", config, 0, device="cpu")
+    assert model.encoding_module.relative_bias.max_distance == 20
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        le.parse_variant("t6:t5_max_distance=1")
+    with pytest.raises(ValueError, match="option=value"):
+        le.parse_variant("t5:t5_max_distance")
+    with pytest.raises(ValueError, match="encodings must be among"):
+        le.run("micro", encodings=("t5:t5_max_distance",), baselines=False)
+    with pytest.raises(TypeError, match="max_dist"):
+        le.train_model("t5:max_dist=3", config, 0, device="cpu")

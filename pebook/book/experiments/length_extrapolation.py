@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from ...registry import ENCODINGS
+from ...registry import ENCODINGS, check_encoding
 from ...utils import default_device
 from .. import corpus
 from ..evaluation import TokenScores, paired_by_context, score_tokens, window_context
@@ -60,6 +60,7 @@ from ._records import device_info, jsonable, parse_ints, versions, write_json
 __all__ = [
     "SCHEMA",
     "PRESETS",
+    "parse_variant",
     "preset_config",
     "train_config",
     "scored_tokens",
@@ -144,6 +145,34 @@ PRESETS: dict[str, dict] = {
 _TUPLES = ("encodings", "seeds", "eval_multiples", "long_multiples", "paired_edges", "ngram_orders")
 
 
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"t5:t5_max_distance=64"`` -> ``("t5", {"t5_max_distance": 64})``: an encoding with options.
+
+    An entry of ``encodings`` is a registered encoding's name, optionally followed by ``:`` and
+    comma-separated ``option=value`` pairs (ints, floats or names), which
+    :func:`pebook.book.training.build_model` passes to the encoding. Unknown options are
+    refused when the model is built.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"an encoding must be a non-empty str such as 'rope' or 't5:t5_max_distance=64', got {spec!r}")
+    name, _, rest = spec.partition(":")
+    check_encoding(name)
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"encoding options must read option=value, got {item!r} in {spec!r}")
+        for cast in (int, float):
+            try:
+                options[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            options[key] = value
+    return name, options
+
+
 def preset_config(preset: str, **overrides) -> dict:
     """The hyper-parameters of ``preset`` (a key of :data:`PRESETS`), with ``overrides`` applied."""
     if preset not in PRESETS:
@@ -155,9 +184,8 @@ def preset_config(preset: str, **overrides) -> dict:
     config.update(overrides)
     for name in _TUPLES:
         config[name] = tuple(config[name])
-    bad = [e for e in config["encodings"] if e not in ENCODINGS]
-    if bad:
-        raise ValueError(f"encodings must be among {tuple(ENCODINGS)}, got {bad[0]!r}")
+    for spec in config["encodings"]:
+        _check_spec(spec)
     if not config["seeds"] or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config["seeds"]):
         raise ValueError(f"seeds must be a non-empty tuple of ints >= 0, got {config['seeds']}")
     multiples = config["eval_multiples"]
@@ -203,16 +231,27 @@ def scored_tokens(config: dict) -> torch.Tensor:
     return heldout if n is None else heldout[: n + 1]
 
 
+def _check_spec(spec) -> None:
+    try:
+        parse_variant(spec)
+    except ValueError as err:
+        raise ValueError(
+            f"encodings must be among {tuple(ENCODINGS)} (with options: 'name:option=value'); {err}"
+        ) from None
+
+
 def train_model(encoding: str, config: dict, seed: int, *, multiple: int = 1, device=None, progress=False):
-    """Build and train one model; return ``(model, TrainState)``."""
+    """Build and train one model of ``encoding`` (a name or a :func:`parse_variant` spec); ``(model, TrainState)``."""
     device = torch.device(device) if device is not None else default_device()
+    name, options = parse_variant(encoding)
     model = build_model(
-        encoding,
+        name,
         dim=config["dim"],
         n_layers=config["n_layers"],
         n_heads=config["n_heads"],
         max_positions=config["train_len"] * multiple,
         seed=seed,
+        **options,
     ).to(device)
     state = train(
         model,
@@ -364,9 +403,8 @@ def run(
     config = preset_config(preset, **overrides)
     encodings = config["encodings"] if encodings is None else tuple(encodings)
     seeds = config["seeds"] if seeds is None else tuple(seeds)
-    bad = [e for e in encodings if e not in ENCODINGS]
-    if bad:
-        raise ValueError(f"encodings must be among {tuple(ENCODINGS)}, got {bad[0]!r}")
+    for spec in encodings:
+        _check_spec(spec)
     bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
     if bad or not seeds:
         raise ValueError(f"seeds must be a non-empty sequence of ints >= 0, got {seeds}")
@@ -480,7 +518,7 @@ def validate_results(results: dict) -> None:
     config = results["config"]
     multiples = list(config["eval_multiples"])
     for encoding, by_seed in results["runs"].items():
-        need(encoding in ENCODINGS, f"unknown encoding {encoding!r}")
+        need(isinstance(encoding, str) and encoding.partition(":")[0] in ENCODINGS, f"unknown encoding {encoding!r}")
         for seed, record in by_seed.items():
             name = f"{encoding} seed {seed}"
             need(seed.isdigit(), f"{name}: seeds are keyed by their decimal string")
