@@ -149,3 +149,28 @@ def test_encoding_variants_carry_options():
         le.run("micro", encodings=("t5:t5_max_distance",), baselines=False)
     with pytest.raises(TypeError, match="max_dist"):
         le.train_model("t5:max_dist=3", config, 0, device="cpu")
+
+
+def test_compare_orders_only_separated_seed_ranges():
+    def fake(losses):
+        runs = {
+            name: {
+                str(seed): {"evaluation": {"lengths": [{"multiple": 1, "nonoverlapping": value}]}}
+                for seed, value in enumerate(values)
+            }
+            for name, values in losses.items()
+        }
+        return {"config": {"eval_multiples": [1]}, "runs": runs}
+
+    results = fake({"a": [1.0, 1.2], "b": [1.3, 1.4], "c": [1.1, 1.5]})
+    assert le.compare(results, "a", "b", 1) == "<" and le.compare(results, "b", "a", 1) == ">"
+    assert le.compare(results, "a", "c", 1) == "~" and le.compare(results, "b", "c", 1) == "~"
+    with pytest.raises(ValueError, match="not in the results"):
+        le.compare(results, "a", "z", 1)
+    with pytest.raises(ValueError, match="multiple"):
+        le.compare(results, "a", "b", 2)
+
+
+def test_compare_refuses_refused_lengths(micro):
+    with pytest.raises(ValueError, match="refused"):
+        le.compare(micro, "rope", "learned", 2)

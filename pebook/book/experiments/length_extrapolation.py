@@ -71,6 +71,7 @@ __all__ = [
     "ngram_baselines",
     "merge_results",
     "summary",
+    "compare",
     "validate_results",
     "load_results",
     "main",
@@ -502,6 +503,31 @@ def summary(results: dict, protocol: str = "nonoverlapping") -> dict:
             rows[multiple] = (sum(values) / len(values), min(values), max(values), len(values)) if values else None
         table[encoding] = rows
     return table
+
+
+def compare(results: dict, first: str, second: str, multiple: int, protocol: str = "nonoverlapping") -> str:
+    """``"<"`` or ``">"`` when every seed of ``first`` is below (above) every seed of ``second``.
+
+    Otherwise ``"~"``: the seeds' ranges overlap, and the results support no ordering of the two
+    at ``train_len × multiple`` under ``protocol``. Raises ``ValueError`` if either encoding has
+    no loss there (unknown, or refused the length).
+    """
+    table = summary(results, protocol)
+    cells = []
+    for name in (first, second):
+        if name not in table:
+            raise ValueError(f"encoding {name!r} is not in the results; they hold {sorted(table)}")
+        if multiple not in table[name]:
+            raise ValueError(f"multiple must be one of {sorted(table[name])}, got {multiple!r}")
+        if table[name][multiple] is None:
+            raise ValueError(f"{name!r} has no loss at {multiple}x (refused)")
+        cells.append(table[name][multiple])
+    (_, low_a, high_a, _), (_, low_b, high_b, _) = cells
+    if high_a < low_b:
+        return "<"
+    if low_a > high_b:
+        return ">"
+    return "~"
 
 
 def validate_results(results: dict) -> None:
