@@ -174,3 +174,14 @@ def test_compare_orders_only_separated_seed_ranges():
 def test_compare_refuses_refused_lengths(micro):
     with pytest.raises(ValueError, match="refused"):
         le.compare(micro, "rope", "learned", 2)
+
+
+def test_committed_chapter_results_match_the_preset():
+    results = le.load_results("length_extrapolation_chapter.json")
+    assert results["preset"] == "chapter"
+    assert results["config"] == json.loads(json.dumps(le.preset_config("chapter")))
+    seven = le.preset_config("chapter")["encodings"]
+    assert all(set(results["runs"][name]) == {"0", "1", "2"} for name in seven)
+    assert results["device"] and results["device_name"] and results["wall_time_s"] > 0
+    assert all(run["device"] for by_seed in results["runs"].values() for run in by_seed.values())
+    assert sorted(results["baselines"]) == ["1", "2", "3", "4", "5"]

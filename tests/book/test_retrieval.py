@@ -258,3 +258,11 @@ def test_main_writes_and_merges(tmp_path, capsys):
     with pytest.raises(SystemExit):  # refused before training
         rt.main([*common, "--encodings", "rope,alibi", "--merge-into", str(out)])
     assert "holds encoding 'rope' seed 0 already" in capsys.readouterr().err
+
+
+def test_committed_chapter_results_match_the_preset():
+    results = rt.load_results()
+    assert results["preset"] == "chapter"
+    assert results["seeds"] == [0, 1, 2]
+    assert results["config"] == json.loads(json.dumps(rt._hyper_parameters(rt.preset_config("chapter"))))
+    assert results["device_name"] and results["wall_time_s"] > 0

@@ -79,6 +79,7 @@ __all__ = [
     "evaluate_retrieval",
     "run",
     "merge_results",
+    "load_results",
     "validate_results",
     "main",
 ]
@@ -636,6 +637,15 @@ def validate_results(results: dict) -> None:
                     need(0.0 <= e["accuracy"] <= 1.0 and e["n"] > 0, f"{where}: accuracy/n")
                     need(math.isfinite(e["loss"]), f"{where}: loss")
             need(seen == lengths, f"{where}: eval lengths {seen}, expected {lengths}")
+
+
+def load_results(name: str = "retrieval_chapter.json") -> dict:
+    """A results file shipped in ``pebook/book/data``, validated."""
+    from importlib import resources
+
+    results = json.loads(resources.files("pebook.book").joinpath("data", name).read_text())
+    validate_results(results)
+    return results
 
 
 def main(argv=None) -> int:
