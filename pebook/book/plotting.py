@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-__all__ = ["log_tick_label", "plot_heatmap", "plot_heatmaps", "plot_lines"]
+__all__ = ["log_tick_label", "plot_bands", "plot_heatmap", "plot_heatmaps", "plot_lines"]
 
 
 def _to_numpy(values) -> np.ndarray:
@@ -195,4 +195,91 @@ def plot_lines(
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot_bands(
+    x,
+    bands: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    *,
+    references: Mapping[str, float | Sequence[float]] | None = None,
+    ax=None,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    logx: bool = False,
+    xticks: Sequence[float] | None = None,
+    marker: str | None = "o",
+    styles: Mapping[str, Mapping[str, object]] | None = None,
+    legend: str | None = "outside",
+    alpha: float = 0.2,
+    figsize: tuple[float, float] = (6.0, 4.0),
+):
+    """Curves with a shaded band each (``{label: (centre, low, high)}``), and reference lines.
+
+    For results over several seeds: the centre (e.g. the mean) is drawn as a line, the band
+    from ``low`` to ``high`` (e.g. the minimum and maximum over the seeds) is shaded in the
+    line's colour. NaN values leave a gap (an evaluation that was refused). ``references``
+    draws grey dashed lines labelled at their left end, outside the legend: a number is a
+    horizontal line across the axes, a sequence a line over ``x`` (for example the loss of an
+    n-gram baseline under the same windows). ``ax`` draws into existing axes (several panels);
+    without it a new figure of ``figsize`` is made. ``legend``, ``xticks``, ``logx`` and
+    ``styles`` are as in :func:`plot_lines`. Returns the figure.
+    """
+    xs = _to_numpy(x)
+    if xs.ndim != 1:
+        raise ValueError(f"x must be 1-D, got shape {xs.shape}")
+    styles = dict(styles or {})
+    unknown = set(styles) - set(bands)
+    if unknown:
+        raise ValueError(f"styles name series that are not plotted: {sorted(unknown)}")
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=figsize)
+    else:
+        fig = ax.figure
+    for label, band in bands.items():
+        if len(band) != 3:
+            raise ValueError(f"band {label!r} must be (centre, low, high), got {len(band)} sequences")
+        centre, low, high = (_to_numpy(v) for v in band)
+        for name, values in (("centre", centre), ("low", low), ("high", high)):
+            if values.shape != xs.shape:
+                raise ValueError(f"band {label!r}: {name} has shape {values.shape} but x has shape {xs.shape}")
+        finite = np.isfinite(low) & np.isfinite(high)
+        if (low[finite] > high[finite]).any():
+            raise ValueError(f"band {label!r}: low must not exceed high")
+        (line,) = ax.plot(xs, centre, **{"label": label, "marker": marker, **styles.get(label, {})})
+        ax.fill_between(xs, low, high, color=line.get_color(), alpha=alpha, linewidth=0)
+    for label, value in (references or {}).items():
+        values = np.full(xs.shape, float(value)) if np.ndim(value) == 0 else _to_numpy(value)
+        if values.shape != xs.shape:
+            raise ValueError(f"reference {label!r} has shape {values.shape} but x has shape {xs.shape}")
+        if np.ndim(value) == 0:
+            ax.axhline(float(value), color="0.5", linestyle="--", linewidth=1.0, zorder=1)
+        else:
+            ax.plot(xs, values, color="0.5", linestyle="--", linewidth=1.0, zorder=1)
+        ax.annotate(
+            label,
+            (xs[0], values[0]),
+            xytext=(2, 2),
+            textcoords="offset points",
+            fontsize="small",
+            color="0.35",
+        )
+    if bands and legend is not None:
+        if legend == _LEGEND_OUTSIDE:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+        else:
+            ax.legend(loc=legend)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logx:
+        ax.set_xscale("log")
+        _log_axis(ax.xaxis, xs, xticks)
+    if xticks is not None:
+        ax.xaxis.set_major_locator(FixedLocator([float(t) for t in xticks]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3)
+    if own:
+        fig.tight_layout()
     return fig

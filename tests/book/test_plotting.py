@@ -285,3 +285,57 @@ def test_styles_set_line_properties_and_the_legend_shows_them():
     np.testing.assert_array_equal(tuned.get_ydata(), np.array(ys["rope +ft"]))
     with pytest.raises(ValueError, match=r"styles name series that are not plotted: \['yarn'\]"):
         plot_lines(x, ys, styles={"yarn": {"color": "C1"}})
+
+
+# ---------------------------------------------------------------- plot_bands
+
+
+def test_bands_hold_centre_band_and_references(device):
+    from pebook.book.plotting import plot_bands
+
+    x = torch.tensor([64.0, 128.0, 256.0], device=device)
+    mean, low, high = [2.0, 2.1, 2.3], [1.9, 2.0, 2.2], [2.1, 2.2, float("nan")]
+    fig = plot_bands(
+        x,
+        {"rope": (mean, low, high), "alibi": ([2.0, 1.9, 1.9], [1.9, 1.8, 1.8], [2.1, 2.0, 2.0])},
+        references={"2-gram": 2.26, "3-gram": [1.8, 1.77, 1.76]},
+        logx=True,
+        xticks=[64, 128, 256],
+        styles={"alibi": {"color": "C3"}},
+        title="T",
+    )
+    (ax,) = fig.axes
+    rope, alibi, _, trigram = ax.lines  # the series, then the references in order
+    np.testing.assert_array_equal(rope.get_xdata(), [64.0, 128.0, 256.0])
+    np.testing.assert_array_equal(rope.get_ydata(), mean)
+    assert to_rgb(alibi.get_color()) == to_rgb("C3")
+    # one shaded band per series, in the series' colour, spanning low .. high
+    rope_band, alibi_band = ax.collections
+    assert to_rgb(alibi_band.get_facecolor()[0][:3]) == to_rgb("C3")
+    ys = rope_band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(1.9) and ys.max() == pytest.approx(2.2)  # NaN: a gap
+    # references: a horizontal line and a curve, grey, dashed, labelled in the axes only
+    horizontal = [line for line in ax.lines if list(line.get_ydata()) == [2.26, 2.26]]
+    assert len(horizontal) == 1 and horizontal[0].get_linestyle() == "--"
+    np.testing.assert_array_equal(trigram.get_ydata(), [1.8, 1.77, 1.76])
+    assert {t.get_text() for t in ax.texts} == {"2-gram", "3-gram"}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["rope", "alibi"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["64", "128", "256"]
+
+
+def test_bands_draw_into_given_axes_and_reject_bad_input():
+    from pebook.book.plotting import plot_bands
+
+    fig, (left, right) = plt.subplots(1, 2)
+    assert plot_bands([1, 2], {"a": ([1, 2], [0, 1], [2, 3])}, ax=right, legend=None) is fig
+    assert len(right.lines) == 1 and not left.lines and right.get_legend() is None
+    with pytest.raises(ValueError, match="centre, low, high"):
+        plot_bands([1, 2], {"a": ([1, 2], [0, 1])})
+    with pytest.raises(ValueError, match="low has shape"):
+        plot_bands([1, 2], {"a": ([1, 2], [0], [2, 3])})
+    with pytest.raises(ValueError, match="low must not exceed high"):
+        plot_bands([1, 2], {"a": ([1, 2], [3, 1], [2, 3])})
+    with pytest.raises(ValueError, match="reference 'r'"):
+        plot_bands([1, 2], {"a": ([1, 2], [0, 1], [2, 3])}, references={"r": [1, 2, 3]})
+    with pytest.raises(ValueError, match="styles name"):
+        plot_bands([1, 2], {"a": ([1, 2], [0, 1], [2, 3])}, styles={"b": {}})
