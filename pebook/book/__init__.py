@@ -10,6 +10,7 @@ use on top of it, each imported explicitly where it is needed:
 * :mod:`pebook.book.training` — a small training and evaluation loop for ``TinyLM``
 * :mod:`pebook.book.evaluation` — every held-out token scored in non-overlapping or sliding windows
 * :mod:`pebook.book.ngram` — byte n-gram baselines (interpolated Witten–Bell)
+* :mod:`pebook.book.decoding_cost` — the bandwidth cost model of decoding (weights and KV cache read per token)
 * :mod:`pebook.book.experiments` — experiments that train models (``python -m pebook.book.experiments.<name>``)
 * :mod:`pebook.book.bench` — the benchmark of ``make bench`` (``python -m pebook.book.bench``)
 
