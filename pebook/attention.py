@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ._checks import check_attention_inputs, check_bool, check_float_tensor, check_int, check_positions
-from .cache import KVCache, check_cache
+from .cache import KVCache, check_cache, extend_key_mask
 from .encoding import PositionalEncoding
-from .masking import check_causal_lengths, default_positions
+from .masking import check_attention_mask, check_causal_lengths, default_positions, mask_positions
 from .registry import ENCODINGS, build_encoding, check_encoding
 
 __all__ = ["ENCODINGS", "positional_attention", "MultiHeadAttention"]
@@ -55,6 +55,7 @@ def positional_attention(
     position_ids: torch.Tensor | None = None,
     key_position_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` over ``k, v`` with one positional encoding module (``None``: no position).
 
@@ -66,7 +67,8 @@ def positional_attention(
     ``(batch, len)``) place queries and keys; by default the keys are at ``0 … k_len - 1`` and the
     queries are the last ``q_len`` of them. RoPE rotates ``q`` and ``k`` at those positions. The
     causal mask follows storage order (queries are the last ``q_len`` keys). ``scale`` defaults
-    to ``1/√head_dim``.
+    to ``1/√head_dim``. ``key_mask`` ``(batch, k_len)`` (bool, or ints 1 for a token and 0 for
+    padding, as ``transformers``' ``attention_mask``) hides padding keys from every query.
     """
     b, h, lq, lk, d = check_attention_inputs(q, k, v)
     if encoding is None:
@@ -85,8 +87,19 @@ def positional_attention(
     scale = _check_scale(scale)
     q_pos, k_pos = default_positions(b, lq, lk, q.device, position_ids, key_position_ids)
     check_causal_lengths(causal, lq, lk)
+    if key_mask is not None:
+        key_mask = check_attention_mask(
+            "key_mask",
+            key_mask,
+            b,
+            lk,
+            q.device,
+            what="k_len",
+            left_padded=False,
+            values=key_mask.device.type == "cpu",
+        )
     q, k = encoding.rotate(q, q_pos), encoding.rotate(k, k_pos)
-    return encoding.attend(q, k, v, q_pos, k_pos, causal=causal, scale=scale)
+    return encoding.attend(q, k, v, q_pos, k_pos, causal=causal, scale=scale, key_mask=key_mask)
 
 
 class MultiHeadAttention(nn.Module):
@@ -184,15 +197,19 @@ class MultiHeadAttention(nn.Module):
                 device=x.device,
                 dtype=x.dtype,
             )
+        key_mask = None if past_kv is None else extend_key_mask(past_kv.mask, t)
+        if position_ids is None and key_mask is not None:
+            position_ids = mask_positions(key_mask)[:, -t:]  # a padded cache: each row continues its own count
         q_pos = positions_for(self.position, b, t, past_len, position_ids, x.device)
         k_pos = q_pos if past_kv is None else torch.cat((past_kv.positions, q_pos), dim=1)
-        out, kv = self._attend(x, q_pos, k_pos, None if past_kv is None else past_kv[0])
-        return (out, KVCache((kv,), k_pos)) if return_kv else out
+        out, kv = self._attend(x, q_pos, k_pos, None if past_kv is None else past_kv[0], key_mask=key_mask)
+        return (out, KVCache((kv,), k_pos, key_mask)) if return_kv else out
 
-    def _attend(self, x, q_pos, k_pos, past=None, bias=None):
+    def _attend(self, x, q_pos, k_pos, past=None, bias=None, key_mask=None):
         """Attention of the new tokens ``x`` at ``q_pos`` over the cached and new keys at ``k_pos``.
 
         Returns ``(output, (keys, values))``; keys are stored after the ``"qk"`` transform.
+        ``key_mask``: ``None`` or ``(batch, k_len)`` bool, False for padding keys.
         """
         b, t, _ = x.shape
         embedded = self.position.embed(q_pos, x.dtype)
@@ -208,7 +225,9 @@ class MultiHeadAttention(nn.Module):
         q, k = self.position.rotate(q, q_pos), self.position.rotate(k, q_pos)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        out = self.position.attend(q, k, v, q_pos, k_pos, causal=self.causal, scale=self.scale, bias=bias)
+        out = self.position.attend(
+            q, k, v, q_pos, k_pos, causal=self.causal, scale=self.scale, bias=bias, key_mask=key_mask
+        )
         return self.out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (k, v)
 
     def extra_repr(self) -> str:

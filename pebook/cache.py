@@ -4,7 +4,9 @@ With a causal mask the key and value of a token never change once computed, so d
 only the new token and reads the earlier keys and values from a cache (Shazeer 2019, "Fast
 Transformer Decoding: One Write-Head is All You Need", arXiv:1911.02150). RoPE keys are cached
 after rotation. The positions of the cached tokens are kept too (one ``(batch, length)`` int64
-tensor), because logit-bias and Shaw encodings need the key positions at every step.
+tensor), because logit-bias and Shaw encodings need the key positions at every step. A cache of
+a left-padded batch also keeps which cached tokens are padding (``mask``, ``(batch, length)``
+bool, the ``attention_mask`` of ``transformers``), so that no later step attends to them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 
 from ._checks import check_float_tensor, check_int_tensor, same_device
 
-__all__ = ["KVCache", "check_cache"]
+__all__ = ["KVCache", "check_cache", "extend_key_mask"]
 
 
 class KVCache:
@@ -21,14 +23,16 @@ class KVCache:
 
     Behaves as a sequence of ``(k, v)`` pairs (``len(cache)`` is the number of layers,
     ``cache[i]`` layer ``i``'s pair). A model returns a new cache at every step; caches are not
-    modified in place.
+    modified in place. ``mask``: ``None`` (no padding) or ``(batch, length)`` bool, False for
+    the padding tokens of a left-padded batch.
     """
 
-    __slots__ = ("layers", "positions")
+    __slots__ = ("layers", "positions", "mask")
 
-    def __init__(self, layers, positions: torch.Tensor):
+    def __init__(self, layers, positions: torch.Tensor, mask: torch.Tensor | None = None):
         self.layers = tuple(layers)
         self.positions = positions
+        self.mask = mask
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -46,7 +50,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the cached keys and values (the positions, 8 bytes a token, are not counted)."""
+        """Bytes of the cached keys and values (the positions and the padding mask are not counted)."""
         return sum(t.numel() * t.element_size() for kv in self.layers for t in kv)
 
     def __repr__(self) -> str:
@@ -95,7 +99,28 @@ class KVCache:
             raise ValueError(
                 f"past_kvs.positions has shape {tuple(self.positions.shape)} but the new tokens have batch size {batch}"
             )
+        if self.mask is not None:
+            if not isinstance(self.mask, torch.Tensor) or self.mask.dtype != torch.bool:
+                raise TypeError(f"past_kvs.mask must be None or a bool tensor, got {_describe(self.mask)}")
+            if self.mask.shape != self.positions.shape:
+                raise ValueError(
+                    f"past_kvs.mask has shape {tuple(self.mask.shape)} but the cache's positions have shape "
+                    f"{tuple(self.positions.shape)}: one entry per cached token"
+                )
+            if not same_device(self.mask.device, device):
+                raise ValueError(f"past_kvs.mask is on {self.mask.device} but the model is on {device}")
         return length
+
+
+def _describe(value) -> str:
+    return f"dtype {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def extend_key_mask(mask: torch.Tensor | None, new: int) -> torch.Tensor | None:
+    """The key mask after ``new`` real tokens follow a cache whose mask is ``mask`` (``None`` stays ``None``)."""
+    if mask is None:
+        return None
+    return torch.cat((mask, mask.new_ones(mask.shape[0], new)), dim=1)
 
 
 def check_cache(name: str, cache, **shape) -> int:

@@ -34,27 +34,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masking import storage_causal_mask
+from .masking import padded_causal_mask, storage_causal_mask
 
 __all__ = ["PLACES", "PositionalEncoding", "LogitBias", "sdpa"]
 
 PLACES = ("none", "input", "qk", "logits", "key_value")
 
 
-def sdpa(q, k, v, *, causal: bool, scale, bias=None) -> torch.Tensor:
+def sdpa(q, k, v, *, causal: bool, scale, bias=None, key_mask=None) -> torch.Tensor:
     """``softmax(q kᵀ · scale + bias) v``, with the storage-order causal mask if ``causal``.
 
     ``k`` and ``v`` may have fewer heads than ``q`` (a divisor: grouped-query attention);
     ``bias`` is ``(batch or 1, heads, q_len, k_len)`` in any float dtype. With ``causal`` the
-    queries are the last ``q_len`` of the ``k_len`` keys. Runs on
+    queries are the last ``q_len`` of the ``k_len`` keys. ``key_mask`` ``(batch, k_len)`` bool,
+    False for padding keys, hides them (:func:`pebook.masking.padded_causal_mask`). Runs on
     ``torch.nn.functional.scaled_dot_product_attention``; a mask is built only when SDPA's own
-    ``is_causal`` flag cannot express it (a bias, or fewer queries than keys).
+    ``is_causal`` flag cannot express it (a bias, padding, or fewer queries than keys).
     """
     gqa = k.shape[1] != q.shape[1]
     lq, lk = q.shape[-2], k.shape[-2]
-    if bias is None and (not causal or lq == lk):
+    if key_mask is not None:
+        mask = padded_causal_mask(key_mask, lq, causal)
+    elif bias is None and (not causal or lq == lk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    mask = storage_causal_mask(lq, lk, q.device) if causal else None
+    else:
+        mask = storage_causal_mask(lq, lk, q.device) if causal else None
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     bias = bias.to(q.dtype)
@@ -113,13 +117,15 @@ class PositionalEncoding(nn.Module):
     def check_positions(self, last_position: int) -> None:
         """Raise ``ValueError`` if the encoding cannot place a token at ``last_position``."""
 
-    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None) -> torch.Tensor:
+    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None, key_mask=None) -> torch.Tensor:
         """Attention of ``q`` over ``k, v`` (``(batch, heads, seq, head_dim)``, keys possibly with
         fewer heads), causal in storage order if ``causal``. ``bias``: a precomputed
-        :meth:`logit_bias` (a model shares one across layers)."""
+        :meth:`logit_bias` (a model shares one across layers). ``key_mask``: ``None`` (no
+        padding) or ``(batch, k_len)`` bool, False for the padding keys, which no query may see
+        (:func:`pebook.masking.padded_causal_mask`)."""
         if bias is None:
             bias = self.logit_bias(q_pos, k_pos)
-        return sdpa(q, k, v, causal=causal, scale=scale, bias=bias)
+        return sdpa(q, k, v, causal=causal, scale=scale, bias=bias, key_mask=key_mask)
 
     # -- half precision ---------------------------------------------------------------------------
 

@@ -19,6 +19,12 @@ query position ``past_len``; sinusoidal and learned add ``PE(past_len)`` to the 
 :func:`incremental_logits` can reproduce the classic bug of encoding every decoded token at
 position 0.
 
+Batches of prompts of different lengths are left-padded as in ``transformers``
+(``padding_side="left"``): an ``attention_mask`` ``(batch, prompt_len)`` of 1 (token) and 0
+(padding) hides the padding from every query, the real tokens sit at ``position_ids =
+cumsum(attention_mask) - 1``, and each new token at its row's count of real tokens so far, so every
+row of a padded batch decodes exactly as it would alone (:func:`generate`, :func:`decode_step`).
+
 Sampling: temperature ``τ`` divides the logits before the softmax; top-k keeps the ``k`` largest
 logits (Fan, Lewis & Dauphin 2018, "Hierarchical Neural Story Generation", arXiv:1805.04833).
 """
@@ -33,6 +39,7 @@ import torch
 
 from ._checks import check_float_dtype, check_int, check_int_tensor, check_positions, check_positive_float
 from .cache import KVCache, check_cache
+from .masking import check_attention_mask, mask_positions
 from .model import TinyLM
 
 __all__ = [
@@ -119,21 +126,31 @@ def check_kv_cache(model: TinyLM, past_kvs, *, batch: int | None = None) -> int:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_step(model: TinyLM, tokens: torch.Tensor, past_kvs=None, *, position_ids: torch.Tensor | None = None):
+def decode_step(
+    model: TinyLM,
+    tokens: torch.Tensor,
+    past_kvs=None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+):
     """Feed ``tokens`` ``(batch, n)`` after the cache: returns ``(logits (batch, n, vocab), new cache)``.
 
     Without ``past_kvs`` this is the prefill of a prompt. The new tokens sit at positions
     ``past_len … past_len + n - 1`` unless ``position_ids`` ``(batch, n)`` says otherwise (the
-    causal mask follows the cache either way). Runs under ``torch.no_grad()``; the arguments are
-    validated here, once, and the model runs without checking them again.
+    causal mask follows the cache either way). ``attention_mask`` ``(batch, past_len + n)``: a
+    left-padded batch (1 token, 0 padding, as in ``transformers``), see :meth:`pebook.TinyLM.forward`;
+    the returned cache keeps it, so later steps need none and continue each row's own positions.
+    Runs under ``torch.no_grad()``; the arguments are validated here, once, and the model runs
+    without checking them again.
     """
     model = _check_model(model)
-    tokens, q_pos, _ = model.check_inputs(tokens, position_ids, past_kvs)
+    tokens, q_pos, _, key_mask = model._check_inputs(tokens, position_ids, past_kvs, attention_mask)
     with torch.no_grad():
-        return model.forward_trusted(tokens, q_pos, past_kvs, return_kv=True)
+        return model.forward_trusted(tokens, q_pos, past_kvs, return_kv=True, attention_mask=key_mask)
 
 
-def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, position_ids=None):
+def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, position_ids=None, attention_mask=None):
     """Logits ``(batch, seq, vocab)`` of ``tokens`` computed the way generation computes them.
 
     The first ``prompt_len`` tokens are fed in one call (the prefill), then the others one at a
@@ -141,7 +158,9 @@ def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, 
     token's position; with the default the result equals ``model(tokens)`` up to rounding, for
     every encoding. Wrong ids reproduce decoding bugs: ``position_ids = [0 … prompt_len - 1, 0, 0,
     …]`` is the classic one of computing a step's positions from its own input alone
-    (``arange(new_len)``), forgetting the cache.
+    (``arange(new_len)``), forgetting the cache. ``attention_mask`` ``(batch, seq)``: a left-padded
+    batch (1 token, 0 padding, as in ``transformers``); every row needs a real token among the
+    first ``prompt_len``, and ``position_ids`` then default to ``cumsum(attention_mask) - 1``.
     """
     model = _check_model(model)
     tokens = _check_tokens(model, "tokens", tokens)
@@ -149,10 +168,20 @@ def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, 
     prompt_len = check_int("prompt_len", prompt_len, minimum=1)
     if prompt_len > seq:
         raise ValueError(f"prompt_len must be between 1 and the sequence length {seq}, got {prompt_len}")
+    prompt_mask = None
+    if attention_mask is not None:
+        attention_mask = check_attention_mask(
+            "attention_mask", attention_mask, batch, seq, tokens.device, what="seq", values=True
+        )
+        prompt_mask = attention_mask[:, :prompt_len]
+        if position_ids is None:
+            position_ids = mask_positions(attention_mask)
     if position_ids is None:
         position_ids = torch.arange(seq, device=tokens.device).expand(batch, seq)
     position_ids = check_positions("position_ids", position_ids, batch, seq, tokens.device)
-    logits, cache = decode_step(model, tokens[:, :prompt_len], position_ids=position_ids[:, :prompt_len])
+    logits, cache = decode_step(
+        model, tokens[:, :prompt_len], position_ids=position_ids[:, :prompt_len], attention_mask=prompt_mask
+    )
     steps = [logits]
     for t in range(prompt_len, seq):
         logits, cache = decode_step(model, tokens[:, t : t + 1], cache, position_ids=position_ids[:, t : t + 1])
@@ -183,6 +212,7 @@ def generate(
     top_k: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Continue ``prompt`` ``(batch, prompt_len)`` by ``max_new_tokens`` tokens; returns ``(batch, prompt_len + new)``.
 
@@ -193,11 +223,18 @@ def generate(
       ``use_cache=False``: recompute the whole sequence at every step (same tokens, more work).
     * ``generator``: a ``torch.Generator`` that makes sampling reproducible (sampling happens on
       the generator's device).
+    * ``attention_mask``: a batch of prompts of different lengths, left-padded, as ``transformers``
+      batches them (``padding_side="left"``): ``(batch, prompt_len)``, 1 for a real token and 0 for
+      padding, the 0s first in every row. Padding is never attended to; the real tokens sit at
+      ``position_ids = cumsum(attention_mask) - 1`` and each new token at its row's count of real
+      tokens so far, so every row continues exactly as it would alone, unpadded. The result keeps
+      the padding on the left. ``None`` (or all ones): no padding.
 
     A learned table of ``N`` rows can encode positions ``0 … N - 1``. The last new token is
-    predicted but never fed back, so ``prompt_len + max_new_tokens - 1 <= N`` is required and
-    anything more raises ``ValueError`` before any work is done; the other encodings have no such
-    limit. Runs under ``torch.no_grad()``; the model's train/eval mode is left as it is.
+    predicted but never fed back, so ``prompt_len + max_new_tokens - 1 <= N`` is required (with
+    ``attention_mask``, the longest row's real length in place of ``prompt_len``) and anything
+    more raises ``ValueError`` before any work is done; the other encodings have no such limit.
+    Runs under ``torch.no_grad()``; the model's train/eval mode is left as it is.
     """
     model = _check_model(model)
     prompt = _check_tokens(model, "prompt", prompt)
@@ -216,33 +253,53 @@ def generate(
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    prompt_len = prompt.shape[1]
+    batch, prompt_len = prompt.shape
+    real_len = prompt_len  # the longest row's real tokens
+    if attention_mask is not None:
+        # validated once, on any device (the prompt's values were checked too)
+        attention_mask = check_attention_mask(
+            "attention_mask", attention_mask, batch, prompt_len, prompt.device, what="prompt_len", values=True
+        )
+        counts = attention_mask.sum(dim=1)
+        real_len = int(counts.max())
+        if real_len == prompt_len and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the unpadded path, bit for bit
     _check_room(
         model,
-        prompt_len + max(max_new_tokens - 1, 0),
-        f"a prompt of {prompt_len} tokens continued by max_new_tokens={max_new_tokens}",
+        real_len + max(max_new_tokens - 1, 0),
+        f"a prompt of {real_len} tokens continued by max_new_tokens={max_new_tokens}",
     )
 
     tokens = prompt
     if max_new_tokens == 0:
         return tokens.clone()
     # validated above, once: the steps below run the model without checking again
-    positions = torch.arange(prompt_len + max_new_tokens, device=prompt.device).expand(prompt.shape[0], -1)
+    total = prompt_len + max_new_tokens
+    if attention_mask is None:
+        positions = torch.arange(total, device=prompt.device).expand(batch, -1)
+        mask = None
+    else:
+        mask = torch.cat((attention_mask, attention_mask.new_ones(batch, max_new_tokens)), dim=1)
+        positions = mask_positions(mask)
     with torch.no_grad():
+        prompt_mask = None if mask is None else mask[:, :prompt_len]
         if use_cache:
-            logits, cache = model.forward_trusted(prompt, positions[:, :prompt_len], None, return_kv=True)
+            logits, cache = model.forward_trusted(
+                prompt, positions[:, :prompt_len], None, return_kv=True, attention_mask=prompt_mask
+            )
         else:
-            logits = model.forward_trusted(prompt, positions[:, :prompt_len])
+            logits = model.forward_trusted(prompt, positions[:, :prompt_len], attention_mask=prompt_mask)
         for step in range(max_new_tokens):
             new = _next_token(logits[:, -1], temperature, top_k, generator)
             tokens = torch.cat((tokens, new), dim=1)
             if step == max_new_tokens - 1:
                 break  # the last token is returned, never fed back
             n = tokens.shape[1]
-            if use_cache:
+            if use_cache:  # a padded cache keeps its mask
                 logits, cache = model.forward_trusted(new, positions[:, n - 1 : n], cache, return_kv=True)
             else:
-                logits = model.forward_trusted(tokens, positions[:, :n])
+                step_mask = None if mask is None else mask[:, :n]
+                logits = model.forward_trusted(tokens, positions[:, :n], attention_mask=step_mask)
     return tokens
 
 

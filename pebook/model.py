@@ -15,7 +15,8 @@ from torch import nn
 
 from ._checks import check_float_tensor, check_int, check_int_tensor
 from .attention import MultiHeadAttention, positions_for
-from .cache import KVCache, check_cache
+from .cache import KVCache, check_cache, extend_key_mask
+from .masking import check_attention_mask, mask_positions
 from .registry import ENCODINGS, build_encoding, check_encoding, encoding_options
 
 __all__ = ["TransformerBlock", "TinyLM"]
@@ -43,8 +44,8 @@ class TransformerBlock(nn.Module):
         pos = torch.arange(t, device=x.device).expand(b, t)
         return self._forward(x, pos, pos)[0]
 
-    def _forward(self, x, q_pos, k_pos, past=None, bias=None):
-        attended, kv = self.attn._attend(self.attn_norm(x), q_pos, k_pos, past, bias)
+    def _forward(self, x, q_pos, k_pos, past=None, bias=None, key_mask=None):
+        attended, kv = self.attn._attend(self.attn_norm(x), q_pos, k_pos, past, bias, key_mask)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -59,11 +60,13 @@ class TinyLM(nn.Module):
     only records the context length the model is meant to be trained at, and longer inputs run,
     which is what an extrapolation experiment needs.
 
-    ``forward(tokens, position_ids=None, past_kvs=None, return_kv=False)``: ``tokens`` is an
-    integer tensor ``(batch, seq)`` (any integer dtype). ``position_ids`` ``(batch, seq)``
-    default to continuing from the cache: positions ``past_len … past_len + seq - 1``. With
-    ``past_kvs`` (the :class:`pebook.KVCache` of an earlier call with ``return_kv=True``) the new
-    tokens attend to the cached ones, which is how generation works.
+    ``forward(tokens, position_ids=None, past_kvs=None, return_kv=False, attention_mask=None)``:
+    ``tokens`` is an integer tensor ``(batch, seq)`` (any integer dtype). ``position_ids``
+    ``(batch, seq)`` default to continuing from the cache: positions ``past_len … past_len + seq -
+    1``. With ``past_kvs`` (the :class:`pebook.KVCache` of an earlier call with
+    ``return_kv=True``) the new tokens attend to the cached ones, which is how generation works.
+    ``attention_mask`` (1 token, 0 padding, left-padded, as in ``transformers``) runs a batch of
+    sequences of different lengths; positions then default to ``cumsum(attention_mask) - 1``.
     """
 
     def __init__(
@@ -125,12 +128,16 @@ class TinyLM(nn.Module):
         for block in self.blocks:
             block.attn.set_rope_frequencies(inv_freq, attention_factor)
 
-    def check_inputs(self, tokens, position_ids=None, past_kvs=None):
+    def check_inputs(self, tokens, position_ids=None, past_kvs=None, attention_mask=None):
         """Validate one call's arguments; return ``(tokens as int64, position_ids (batch, seq), past_len)``.
 
-        Token ids are range-checked on the CPU only: on a GPU that check would force a host
-        synchronisation at every step.
+        Token ids and ``attention_mask`` values are checked on the CPU only: on a GPU that check
+        would force a host synchronisation at every step. See :meth:`forward` for the arguments.
         """
+        return self._check_inputs(tokens, position_ids, past_kvs, attention_mask)[:3]
+
+    def _check_inputs(self, tokens, position_ids, past_kvs, attention_mask):
+        """:meth:`check_inputs`, plus the key mask for :meth:`forward_trusted` (``None``: no padding)."""
         check_int_tensor("tokens", tokens, ndim=2)
         batch, seq = tokens.shape
         if batch == 0 or seq == 0:
@@ -155,8 +162,19 @@ class TinyLM(nn.Module):
                 device=weight.device,
                 dtype=weight.dtype,
             )
+        key_mask = None if past_kvs is None else extend_key_mask(past_kvs.mask, seq)
+        if attention_mask is not None:
+            on_cpu = attention_mask.device.type == "cpu" if isinstance(attention_mask, torch.Tensor) else False
+            what = "past_len + seq" if past_kvs is not None else "seq"
+            key_mask = check_attention_mask(
+                "attention_mask", attention_mask, batch, past_len + seq, tokens.device, what=what, values=on_cpu
+            )
+            if on_cpu and (past_kvs is None or past_kvs.mask is None) and bool(key_mask.all()):
+                key_mask = None  # no padding: the unpadded path, bit for bit
+        if position_ids is None and key_mask is not None:
+            position_ids = mask_positions(key_mask)[:, past_len:]  # each row counts its own tokens
         q_pos = positions_for(self.encoding_module, batch, seq, past_len, position_ids, tokens.device)
-        return tokens.long(), q_pos, past_len
+        return tokens.long(), q_pos, past_len, key_mask
 
     def forward(
         self,
@@ -164,21 +182,38 @@ class TinyLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_kvs: KVCache | None = None,
         return_kv: bool = False,
+        attention_mask: torch.Tensor | None = None,
     ):
-        """Logits ``(batch, seq, vocab_size)`` (and the new :class:`pebook.KVCache` if ``return_kv``)."""
-        tokens, q_pos, _ = self.check_inputs(tokens, position_ids, past_kvs)
-        return self.forward_trusted(tokens, q_pos, past_kvs, return_kv)
+        """Logits ``(batch, seq, vocab_size)`` (and the new :class:`pebook.KVCache` if ``return_kv``).
 
-    def forward_trusted(self, tokens, q_pos, past_kvs=None, return_kv: bool = False):
-        """:meth:`forward` for arguments already validated by :meth:`check_inputs` (no checks)."""
+        ``attention_mask`` (``transformers``' meaning): ``None`` (no padding) or ``(batch, past_len
+        + seq)``, 1 for a real token and 0 for padding, covering the cached and the new tokens; it
+        must be left-padded (``padding_side="left"``). Padding keys are hidden from every query,
+        and the default ``position_ids`` are ``cumsum(attention_mask) - 1`` (padding at 0), so
+        each row's logits at its real tokens are those of the row alone, unpadded. The returned
+        cache keeps the mask: later steps need no ``attention_mask``.
+        """
+        tokens, q_pos, _, key_mask = self._check_inputs(tokens, position_ids, past_kvs, attention_mask)
+        return self.forward_trusted(tokens, q_pos, past_kvs, return_kv, attention_mask=key_mask)
+
+    def forward_trusted(self, tokens, q_pos, past_kvs=None, return_kv: bool = False, *, attention_mask=None):
+        """:meth:`forward` for arguments already validated by :meth:`check_inputs` (no checks).
+
+        ``attention_mask``: ``None`` or a validated bool ``(batch, past_len + seq)`` mask, False for
+        padding; with ``None`` a padded cache's own mask is continued (new tokens are real).
+        """
         x = self.token_embedding(tokens)
         if self.position is not None:
             x = x + self.position.embed(q_pos, x.dtype)
         k_pos = q_pos if past_kvs is None else torch.cat((past_kvs.positions, q_pos), dim=1)
+        key_mask = attention_mask
+        if key_mask is None and past_kvs is not None:
+            key_mask = extend_key_mask(past_kvs.mask, tokens.shape[1])
         bias = self.blocks[0].attn.position.logit_bias(q_pos, k_pos) if self._shared_bias else None
         new_kvs = []
         for layer, block in enumerate(self.blocks):
-            x, kv = block._forward(x, q_pos, k_pos, None if past_kvs is None else past_kvs[layer], bias)
+            past = None if past_kvs is None else past_kvs[layer]
+            x, kv = block._forward(x, q_pos, k_pos, past, bias, key_mask)
             new_kvs.append(kv)
         logits = self.lm_head(self.final_norm(x))
-        return (logits, KVCache(new_kvs, k_pos)) if return_kv else logits
+        return (logits, KVCache(new_kvs, k_pos, key_mask)) if return_kv else logits

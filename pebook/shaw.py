@@ -26,7 +26,14 @@ from torch import nn
 
 from ._checks import check_attention_inputs, check_float_tensor, check_int, check_same_placement
 from .encoding import PositionalEncoding
-from .masking import causal_mask, check_causal_lengths, default_positions, storage_causal_mask
+from .masking import (
+    causal_mask,
+    check_attention_mask,
+    check_causal_lengths,
+    default_positions,
+    padded_causal_mask,
+    storage_causal_mask,
+)
 
 __all__ = ["relative_position_index", "reachable_offsets", "shaw_attention", "shaw_attention_naive", "ShawPE"]
 
@@ -95,6 +102,13 @@ def _index(q_pos: torch.Tensor, k_pos: torch.Tensor, max_distance: int) -> torch
     return relative.clamp_(-max_distance, max_distance).add_(max_distance)
 
 
+def _visible(q_len, k_len, causal, key_mask, device):
+    """The mask of :func:`_shaw_core`: storage-order causal, padding keys hidden, or ``None``."""
+    if key_mask is not None:
+        return padded_causal_mask(key_mask, q_len, causal)
+    return storage_causal_mask(q_len, k_len, device) if causal else None
+
+
 def _expand_kv(q, k, v):
     """Repeat grouped key/value heads so that there is one per query head (GQA, MQA)."""
     groups = q.shape[1] // k.shape[1]
@@ -130,6 +144,7 @@ def shaw_attention(
     position_ids: torch.Tensor | None = None,
     key_position_ids: torch.Tensor | None = None,
     scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with Shaw et al.'s key and value terms (§3.1-3.2), in ``O(L·(2k+1) + L²)`` memory.
 
@@ -138,11 +153,24 @@ def shaw_attention(
     head_dim)``. ``position_ids`` / ``key_position_ids`` (``(q_len,)`` or ``(batch, q_len)``, and
     likewise for keys) place queries and keys; by default the keys are at ``0 … k_len - 1`` and
     the queries are the last ``q_len`` of them. The causal mask follows that storage order.
-    ``scale`` defaults to ``1/√head_dim``. Returns ``(batch, heads, q_len, head_dim)``.
+    ``scale`` defaults to ``1/√head_dim``. ``key_mask`` ``(batch, k_len)`` (bool, or ints 1 for a
+    token and 0 for padding, as ``transformers``' ``attention_mask``) hides padding keys from every
+    query. Returns ``(batch, heads, q_len, head_dim)``.
     """
     max_distance, q_pos, k_pos = _check_shaw_inputs(q, k, v, rel_k, rel_v, max_distance, position_ids, key_position_ids)
     check_causal_lengths(causal, q.shape[2], k.shape[2])
-    mask = storage_causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    if key_mask is not None:
+        key_mask = check_attention_mask(
+            "key_mask",
+            key_mask,
+            q.shape[0],
+            k.shape[2],
+            q.device,
+            what="k_len",
+            left_padded=False,
+            values=key_mask.device.type == "cpu",
+        )
+    mask = _visible(q.shape[2], k.shape[2], causal, key_mask, q.device)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _shaw_core(q, k, v, rel_k, rel_v, _index(q_pos, k_pos, max_distance), mask, scale)
 
@@ -198,9 +226,9 @@ class ShawPE(PositionalEncoding):
         shape = (2 * self.max_distance + 1, self.head_dim)
         return {"rel_k": (shape, True), "rel_v": (shape, True)}
 
-    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None):
+    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None, key_mask=None):
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        mask = storage_causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+        mask = _visible(q.shape[2], k.shape[2], causal, key_mask, q.device)
         index = _index(q_pos, k_pos, self.max_distance)
         return _shaw_core(q, k, v, self.rel_k, self.rel_v, index, mask, scale)
 
