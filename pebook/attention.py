@@ -12,15 +12,22 @@ attention are ``(batch, heads, seq, head_dim)``.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from torch import nn
 
 from ._checks import check_attention_inputs, check_bool, check_float_tensor, check_int, check_positions
-from .cache import KVCache, check_cache, extend_key_mask
+from .cache import KVCache, check_cache, extend_key_mask, window_cache
 from .encoding import PositionalEncoding
-from .masking import check_attention_mask, check_causal_lengths, default_positions, mask_positions
+from .masking import (
+    check_attention_mask,
+    check_causal_lengths,
+    continued_positions,
+    default_positions,
+    mask_positions,
+)
 from .registry import ENCODINGS, build_encoding, check_encoding
 
 __all__ = ["ENCODINGS", "positional_attention", "MultiHeadAttention"]
@@ -120,6 +127,30 @@ class MultiHeadAttention(nn.Module):
     ``forward(x, position_ids=None, past_kv=None, return_kv=False)`` takes ``x`` of shape
     ``(batch, seq, dim)``; ``position_ids`` ``(batch, seq)`` default to continuing from the
     cache. With ``return_kv`` it also returns a one-layer :class:`pebook.KVCache`.
+
+    KV-cache inference options (both off by default, and then nothing changes):
+
+    * ``cache_rotated_keys`` (default ``True``): the cache holds keys after the encoding's
+      ``"qk"`` transform, as ``transformers`` caches RoPE keys. ``False`` caches them *before*
+      rotation, with their positions, and rotates every cached key at each step with the
+      encoding's current frequencies: what frequencies that change during generation need
+      (``transformers``' dynamic RoPE, ``_compute_dynamic_ntk_parameters`` in
+      ``modeling_rope_utils``, recomputes them as the sequence grows, and a cache of rotated keys
+      then keeps the old rotation) and what StreamingLLM's position shifting needs (Xiao et al.
+      2023, "Efficient Streaming Language Models with Attention Sinks", arXiv:2309.17453, §3.2:
+      positions are assigned within the cache, so keys are cached before rotation). The cost: each
+      step rotates all ``k`` cached keys, ``O(k · head_dim)`` more work per layer per step
+      (against ``O(head_dim)`` for the new key alone). Only for an encoding whose ``place`` is
+      ``"qk"``; others transform no key and refuse ``False``.
+    * ``sliding_window`` ``W`` (default ``None``): sliding-window attention (Mistral 7B, Jiang et
+      al. 2023, arXiv:2310.06825, §2): each query sees only the last ``W`` keys, itself included
+      (storage rows ``i - W + 1 … i``), in the full forward pass as with the cache, and a returned
+      cache keeps only the last ``W`` tokens (a rolling buffer; ``KVCache.dropped`` counts the
+      evicted ones). The evicted tokens' positions are not reused: every kept key keeps its
+      position, so the window is defined for every encoding whose attention hook takes the band,
+      absolute ones included (their position is already in the cached key). Needs ``causal``
+      attention; an encoding that overrides ``attend`` without a ``window`` argument (Shaw) is
+      refused.
     """
 
     def __init__(
@@ -133,6 +164,8 @@ class MultiHeadAttention(nn.Module):
         causal: bool = True,
         scale: float | None = None,
         bias: bool = True,
+        cache_rotated_keys: bool = True,
+        sliding_window: int | None = None,
         **encoding_options,
     ):
         super().__init__()
@@ -164,6 +197,19 @@ class MultiHeadAttention(nn.Module):
                 **encoding_options,
             )
         self.encoding = self.position.name
+        self.cache_rotated_keys = check_bool("cache_rotated_keys", cache_rotated_keys)
+        if not cache_rotated_keys:
+            check_rotated_keys_option(self.position)
+        self.sliding_window = None
+        if sliding_window is not None:
+            self.sliding_window = check_int("sliding_window", sliding_window, minimum=1)
+            if not self.causal:
+                raise ValueError(f"sliding_window={sliding_window} needs causal attention, got causal=False")
+            if "window" not in inspect.signature(self.position.attend).parameters:
+                raise ValueError(
+                    f"sliding_window={sliding_window} is not supported by the {self.encoding} encoding: its own "
+                    "attention hook (attend) takes no window argument"
+                )
 
     def set_rope_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
         """Give this layer's rotary encoding new frequencies (see :mod:`pebook.rope_scaling`)."""
@@ -185,7 +231,7 @@ class MultiHeadAttention(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (batch, seq, dim={self.dim}), got {tuple(x.shape)}")
         b, t, _ = x.shape
-        past_len = 0
+        past_len = dropped = 0
         if past_kv is not None:
             past_len = check_cache(
                 "past_kv",
@@ -196,20 +242,31 @@ class MultiHeadAttention(nn.Module):
                 batch=b,
                 device=x.device,
                 dtype=x.dtype,
+                keys_rotated=self.cache_rotated_keys,
             )
+            dropped = past_kv.dropped
         key_mask = None if past_kv is None else extend_key_mask(past_kv.mask, t)
-        if position_ids is None and key_mask is not None:
-            position_ids = mask_positions(key_mask)[:, -t:]  # a padded cache: each row continues its own count
-        q_pos = positions_for(self.position, b, t, past_len, position_ids, x.device)
+        if position_ids is None and key_mask is not None:  # a padded cache: each row continues its own count
+            if dropped:
+                position_ids = continued_positions(key_mask, past_len, past_kv.positions)
+            else:
+                position_ids = mask_positions(key_mask)[:, -t:]
+        q_pos = positions_for(self.position, b, t, dropped + past_len, position_ids, x.device)
         k_pos = q_pos if past_kv is None else torch.cat((past_kv.positions, q_pos), dim=1)
         out, kv = self._attend(x, q_pos, k_pos, None if past_kv is None else past_kv[0], key_mask=key_mask)
-        return (out, KVCache((kv,), k_pos, key_mask)) if return_kv else out
+        if not return_kv:
+            return out
+        cache = window_cache(
+            (kv,), k_pos, key_mask, self.sliding_window, keys_rotated=self.cache_rotated_keys, dropped=dropped
+        )
+        return out, cache
 
     def _attend(self, x, q_pos, k_pos, past=None, bias=None, key_mask=None):
         """Attention of the new tokens ``x`` at ``q_pos`` over the cached and new keys at ``k_pos``.
 
-        Returns ``(output, (keys, values))``; keys are stored after the ``"qk"`` transform.
-        ``key_mask``: ``None`` or ``(batch, k_len)`` bool, False for padding keys.
+        Returns ``(output, (keys, values))``; keys are stored after the ``"qk"`` transform, or
+        before it with ``cache_rotated_keys=False`` (then all of them, cached and new, are rotated
+        here at ``k_pos``). ``key_mask``: ``None`` or ``(batch, k_len)`` bool, False for padding keys.
         """
         b, t, _ = x.shape
         embedded = self.position.embed(q_pos, x.dtype)
@@ -222,16 +279,49 @@ class MultiHeadAttention(nn.Module):
             .transpose(1, 2)
             .split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
         )
-        q, k = self.position.rotate(q, q_pos), self.position.rotate(k, q_pos)
-        if past is not None:
-            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        out = self.position.attend(
-            q, k, v, q_pos, k_pos, causal=self.causal, scale=self.scale, bias=bias, key_mask=key_mask
-        )
-        return self.out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (k, v)
+        q = self.position.rotate(q, q_pos)
+        if self.cache_rotated_keys:
+            k = self.position.rotate(k, q_pos)
+            if past is not None:
+                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+            stored = k
+        else:  # cache the keys as projected; rotate all of them with the current frequencies
+            if past is not None:
+                k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+            stored, k = k, self.position.rotate(k, k_pos)
+        if self.sliding_window is None:
+            out = self.position.attend(
+                q, k, v, q_pos, k_pos, causal=self.causal, scale=self.scale, bias=bias, key_mask=key_mask
+            )
+        else:
+            out = self.position.attend(
+                q,
+                k,
+                v,
+                q_pos,
+                k_pos,
+                causal=self.causal,
+                scale=self.scale,
+                bias=bias,
+                key_mask=key_mask,
+                window=self.sliding_window,
+            )
+        return self.out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (stored, v)
 
     def extra_repr(self) -> str:
-        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, causal={self.causal}, scale={self.scale}"
+        extra = "" if self.cache_rotated_keys else ", cache_rotated_keys=False"
+        if self.sliding_window is not None:
+            extra += f", sliding_window={self.sliding_window}"
+        return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, causal={self.causal}, scale={self.scale}{extra}"
+
+
+def check_rotated_keys_option(position: PositionalEncoding) -> None:
+    """``cache_rotated_keys=False`` needs an encoding that transforms keys (``place == "qk"``)."""
+    if position.place != "qk":
+        raise ValueError(
+            f"cache_rotated_keys=False needs an encoding that rotates queries and keys (place 'qk'); the "
+            f"{position.name} encoding has place {position.place!r} and caches keys unchanged"
+        )
 
 
 def positions_for(position: PositionalEncoding, batch: int, seq: int, past_len: int, position_ids, device):

@@ -34,26 +34,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masking import padded_causal_mask, storage_causal_mask
+from .masking import padded_causal_mask, storage_causal_mask, window_causal_mask
 
 __all__ = ["PLACES", "PositionalEncoding", "LogitBias", "sdpa"]
 
 PLACES = ("none", "input", "qk", "logits", "key_value")
 
 
-def sdpa(q, k, v, *, causal: bool, scale, bias=None, key_mask=None) -> torch.Tensor:
+def sdpa(q, k, v, *, causal: bool, scale, bias=None, key_mask=None, window: int | None = None) -> torch.Tensor:
     """``softmax(q kᵀ · scale + bias) v``, with the storage-order causal mask if ``causal``.
 
     ``k`` and ``v`` may have fewer heads than ``q`` (a divisor: grouped-query attention);
     ``bias`` is ``(batch or 1, heads, q_len, k_len)`` in any float dtype. With ``causal`` the
     queries are the last ``q_len`` of the ``k_len`` keys. ``key_mask`` ``(batch, k_len)`` bool,
-    False for padding keys, hides them (:func:`pebook.masking.padded_causal_mask`). Runs on
+    False for padding keys, hides them (:func:`pebook.masking.padded_causal_mask`). ``window``
+    (causal only): sliding-window attention, each query sees only the last ``window`` keys up to
+    itself (:func:`pebook.masking.window_causal_mask`; Mistral 7B, arXiv:2310.06825). Runs on
     ``torch.nn.functional.scaled_dot_product_attention``; a mask is built only when SDPA's own
-    ``is_causal`` flag cannot express it (a bias, padding, or fewer queries than keys).
+    ``is_causal`` flag cannot express it (a bias, padding, fewer queries than keys, or a window
+    shorter than the keys).
     """
     gqa = k.shape[1] != q.shape[1]
     lq, lk = q.shape[-2], k.shape[-2]
-    if key_mask is not None:
+    if window is not None and lk > window:
+        mask = window_causal_mask(lq, lk, window, q.device)
+        if key_mask is not None:
+            mask = padded_causal_mask(key_mask, lq, causal) & mask
+    elif key_mask is not None:
         mask = padded_causal_mask(key_mask, lq, causal)
     elif bias is None and (not causal or lq == lk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
@@ -117,15 +124,18 @@ class PositionalEncoding(nn.Module):
     def check_positions(self, last_position: int) -> None:
         """Raise ``ValueError`` if the encoding cannot place a token at ``last_position``."""
 
-    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None, key_mask=None) -> torch.Tensor:
+    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None, key_mask=None, window=None) -> torch.Tensor:
         """Attention of ``q`` over ``k, v`` (``(batch, heads, seq, head_dim)``, keys possibly with
         fewer heads), causal in storage order if ``causal``. ``bias``: a precomputed
         :meth:`logit_bias` (a model shares one across layers). ``key_mask``: ``None`` (no
         padding) or ``(batch, k_len)`` bool, False for the padding keys, which no query may see
-        (:func:`pebook.masking.padded_causal_mask`)."""
+        (:func:`pebook.masking.padded_causal_mask`). ``window``: ``None`` or a sliding window
+        (each query sees its last ``window`` keys, itself included; see :func:`sdpa`). An
+        encoding that overrides this hook supports a ``sliding_window`` only if its own
+        ``attend`` takes ``window``; attention refuses the option otherwise."""
         if bias is None:
             bias = self.logit_bias(q_pos, k_pos)
-        return sdpa(q, k, v, causal=causal, scale=scale, bias=bias, key_mask=key_mask)
+        return sdpa(q, k, v, causal=causal, scale=scale, bias=bias, key_mask=key_mask, window=window)
 
     # -- half precision ---------------------------------------------------------------------------
 

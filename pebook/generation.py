@@ -25,6 +25,17 @@ Batches of prompts of different lengths are left-padded as in ``transformers``
 cumsum(attention_mask) - 1``, and each new token at its row's count of real tokens so far, so every
 row of a padded batch decodes exactly as it would alone (:func:`generate`, :func:`decode_step`).
 
+Frequencies that change during generation: ``rope_frequencies`` (of :func:`generate` and
+:func:`incremental_logits`) is a function of the current length, called before every forward
+pass, whose ``(inv_freq, attention_factor)`` the model's RoPE layers take for that pass, as
+``transformers``' dynamic RoPE recomputes its frequencies from the sequence length
+(``_compute_dynamic_ntk_parameters`` in ``modeling_rope_utils``;
+:func:`pebook.rope_scaling.per_length_frequencies` makes one from a rule). A cache of rotated keys
+(the default) then holds keys rotated with the frequencies of the step that cached them, stale
+once they change; a model built with ``cache_rotated_keys=False`` caches keys before rotation
+and rotates all of them with each step's frequencies (see :class:`pebook.TinyLM`). A model with a
+``sliding_window`` keeps only its last ``W`` tokens in the cache (Mistral 7B, arXiv:2310.06825).
+
 Sampling: temperature ``τ`` divides the logits before the softmax; top-k keeps the ``k`` largest
 logits (Fan, Lewis & Dauphin 2018, "Hierarchical Neural Story Generation", arXiv:1805.04833).
 """
@@ -41,6 +52,7 @@ from ._checks import check_float_dtype, check_int, check_int_tensor, check_posit
 from .cache import KVCache, check_cache
 from .masking import check_attention_mask, mask_positions
 from .model import TinyLM
+from .rope_scaling import FrequencySchedule
 
 __all__ = [
     "check_kv_cache",
@@ -87,6 +99,42 @@ def _check_tokens(model: TinyLM, name: str, tokens) -> torch.Tensor:
     return tokens.long()
 
 
+def _check_schedule(model: TinyLM, rope_frequencies):
+    """``rope_frequencies``: ``None`` or a callable ``seq_len -> (inv_freq, attention_factor)`` for a rotary model."""
+    if rope_frequencies is None:
+        return None
+    if not callable(rope_frequencies):
+        raise TypeError(
+            "rope_frequencies must be None or a callable seq_len -> (inv_freq, attention_factor) "
+            f"(e.g. pebook.rope_scaling.per_length_frequencies(...)), got {type(rope_frequencies).__name__}"
+        )
+    if not hasattr(model.encoding_module, "set_frequencies"):
+        raise ValueError(f"rope_frequencies needs a rotary encoding, this model has encoding={model.encoding!r}")
+    return rope_frequencies
+
+
+def _apply_schedule(model: TinyLM, schedule: FrequencySchedule | None, seq_len: int) -> None:
+    """Give the model's RoPE layers the frequencies of ``schedule`` at ``seq_len`` (nothing if ``None``)."""
+    if schedule is None:
+        return
+    result = schedule(seq_len)
+    inv_freq, factor = result if isinstance(result, tuple) else (result, 1.0)
+    model.set_rope_frequencies(inv_freq, factor)
+
+
+def _saved_frequencies(model: TinyLM, schedule) -> list | None:
+    """Each layer's ``(inv_freq, attention_factor)``, to restore after a schedule changed them."""
+    if schedule is None:
+        return None
+    return [(b.attn.position.inv_freq, b.attn.position.attention_factor) for b in model.blocks]
+
+
+def _restore_frequencies(model: TinyLM, saved) -> None:
+    if saved is not None:
+        for block, (inv_freq, factor) in zip(model.blocks, saved):
+            block.attn.set_rope_frequencies(inv_freq, factor)
+
+
 def _check_room(model: TinyLM, needed: int, what: str) -> None:
     """Refuse work that needs positions the encoding cannot place (a learned table has an end)."""
     if needed <= 0:
@@ -118,8 +166,9 @@ def check_kv_cache(model: TinyLM, past_kvs, *, batch: int | None = None) -> int:
         batch=batch,
         device=device,
         dtype=dtype,
+        keys_rotated=model.cache_rotated_keys,
     )
-    _check_room(model, length, "a cache of this length")
+    _check_room(model, past_kvs.dropped + length, "a cache of this length")
     return length
 
 
@@ -150,7 +199,15 @@ def decode_step(
         return model.forward_trusted(tokens, q_pos, past_kvs, return_kv=True, attention_mask=key_mask)
 
 
-def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, position_ids=None, attention_mask=None):
+def incremental_logits(
+    model: TinyLM,
+    tokens: torch.Tensor,
+    prompt_len: int,
+    *,
+    position_ids=None,
+    attention_mask=None,
+    rope_frequencies=None,
+):
     """Logits ``(batch, seq, vocab)`` of ``tokens`` computed the way generation computes them.
 
     The first ``prompt_len`` tokens are fed in one call (the prefill), then the others one at a
@@ -161,6 +218,9 @@ def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, 
     (``arange(new_len)``), forgetting the cache. ``attention_mask`` ``(batch, seq)``: a left-padded
     batch (1 token, 0 padding, as in ``transformers``); every row needs a real token among the
     first ``prompt_len``, and ``position_ids`` then default to ``cumsum(attention_mask) - 1``.
+    ``rope_frequencies``: a callable ``seq_len -> (inv_freq, attention_factor)`` applied before
+    every call with ``seq_len`` = the largest position id so far + 1 (as ``transformers``'
+    ``dynamic_rope_update``), see :func:`generate`; the model's frequencies are restored after.
     """
     model = _check_model(model)
     tokens = _check_tokens(model, "tokens", tokens)
@@ -179,13 +239,24 @@ def incremental_logits(model: TinyLM, tokens: torch.Tensor, prompt_len: int, *, 
     if position_ids is None:
         position_ids = torch.arange(seq, device=tokens.device).expand(batch, seq)
     position_ids = check_positions("position_ids", position_ids, batch, seq, tokens.device)
-    logits, cache = decode_step(
-        model, tokens[:, :prompt_len], position_ids=position_ids[:, :prompt_len], attention_mask=prompt_mask
-    )
-    steps = [logits]
-    for t in range(prompt_len, seq):
-        logits, cache = decode_step(model, tokens[:, t : t + 1], cache, position_ids=position_ids[:, t : t + 1])
-        steps.append(logits)
+    schedule = _check_schedule(model, rope_frequencies)
+    saved = _saved_frequencies(model, schedule)
+    try:
+        # seq_len of each call: the largest position id so far + 1 (one host sync, not one per step)
+        lengths = None if schedule is None else (position_ids.cummax(dim=1).values.amax(dim=0) + 1).tolist()
+        if schedule is not None:
+            _apply_schedule(model, schedule, lengths[prompt_len - 1])
+        logits, cache = decode_step(
+            model, tokens[:, :prompt_len], position_ids=position_ids[:, :prompt_len], attention_mask=prompt_mask
+        )
+        steps = [logits]
+        for t in range(prompt_len, seq):
+            if schedule is not None:
+                _apply_schedule(model, schedule, lengths[t])
+            logits, cache = decode_step(model, tokens[:, t : t + 1], cache, position_ids=position_ids[:, t : t + 1])
+            steps.append(logits)
+    finally:
+        _restore_frequencies(model, saved)
     return torch.cat(steps, dim=1)
 
 
@@ -213,6 +284,7 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     attention_mask: torch.Tensor | None = None,
+    rope_frequencies=None,
 ) -> torch.Tensor:
     """Continue ``prompt`` ``(batch, prompt_len)`` by ``max_new_tokens`` tokens; returns ``(batch, prompt_len + new)``.
 
@@ -229,6 +301,15 @@ def generate(
       ``position_ids = cumsum(attention_mask) - 1`` and each new token at its row's count of real
       tokens so far, so every row continues exactly as it would alone, unpadded. The result keeps
       the padding on the left. ``None`` (or all ones): no padding.
+    * ``rope_frequencies``: ``None`` (the model's frequencies throughout), or a callable
+      ``seq_len -> (inv_freq, attention_factor)`` (or just ``inv_freq``) applied to every RoPE layer
+      before each forward pass, ``seq_len`` being the largest position so far + 1, new tokens
+      included (the longest row's real tokens), as ``transformers``' dynamic RoPE recomputes
+      its frequencies (``_compute_dynamic_ntk_parameters``). Build one from a rule with
+      :func:`pebook.rope_scaling.per_length_frequencies`. With a cache of rotated keys (the
+      default) the cached keys keep the rotation of the step that cached them: a stale cache,
+      as in ``transformers``; a model with ``cache_rotated_keys=False`` rotates them all again
+      with the current frequencies. The model's frequencies are restored afterwards.
 
     A learned table of ``N`` rows can encode positions ``0 … N - 1``. The last new token is
     predicted but never fed back, so ``prompt_len + max_new_tokens - 1 <= N`` is required (with
@@ -253,6 +334,7 @@ def generate(
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    schedule = _check_schedule(model, rope_frequencies)
     batch, prompt_len = prompt.shape
     real_len = prompt_len  # the longest row's real tokens
     if attention_mask is not None:
@@ -281,25 +363,53 @@ def generate(
     else:
         mask = torch.cat((attention_mask, attention_mask.new_ones(batch, max_new_tokens)), dim=1)
         positions = mask_positions(mask)
-    with torch.no_grad():
-        prompt_mask = None if mask is None else mask[:, :prompt_len]
-        if use_cache:
-            logits, cache = model.forward_trusted(
-                prompt, positions[:, :prompt_len], None, return_kv=True, attention_mask=prompt_mask
+    saved = _saved_frequencies(model, schedule)
+    try:
+        with torch.no_grad():
+            tokens = _generate_loop(
+                model,
+                prompt,
+                positions,
+                mask,
+                max_new_tokens,
+                use_cache,
+                temperature,
+                top_k,
+                generator,
+                schedule,
+                real_len,
             )
+    finally:
+        _restore_frequencies(model, saved)
+    return tokens
+
+
+def _generate_loop(
+    model, prompt, positions, mask, max_new_tokens, use_cache, temperature, top_k, generator, schedule, real_len
+):
+    """The steps of :func:`generate`, on validated arguments (``real_len``: the longest row's real prompt)."""
+    prompt_len = prompt.shape[1]
+    tokens = prompt
+    prompt_mask = None if mask is None else mask[:, :prompt_len]
+    _apply_schedule(model, schedule, real_len)
+    if use_cache:
+        logits, cache = model.forward_trusted(
+            prompt, positions[:, :prompt_len], None, return_kv=True, attention_mask=prompt_mask
+        )
+    else:
+        logits = model.forward_trusted(prompt, positions[:, :prompt_len], attention_mask=prompt_mask)
+    for step in range(max_new_tokens):
+        new = _next_token(logits[:, -1], temperature, top_k, generator)
+        tokens = torch.cat((tokens, new), dim=1)
+        if step == max_new_tokens - 1:
+            break  # the last token is returned, never fed back
+        n = tokens.shape[1]
+        _apply_schedule(model, schedule, real_len + n - prompt_len)
+        if use_cache:  # a padded cache keeps its mask
+            logits, cache = model.forward_trusted(new, positions[:, n - 1 : n], cache, return_kv=True)
         else:
-            logits = model.forward_trusted(prompt, positions[:, :prompt_len], attention_mask=prompt_mask)
-        for step in range(max_new_tokens):
-            new = _next_token(logits[:, -1], temperature, top_k, generator)
-            tokens = torch.cat((tokens, new), dim=1)
-            if step == max_new_tokens - 1:
-                break  # the last token is returned, never fed back
-            n = tokens.shape[1]
-            if use_cache:  # a padded cache keeps its mask
-                logits, cache = model.forward_trusted(new, positions[:, n - 1 : n], cache, return_kv=True)
-            else:
-                step_mask = None if mask is None else mask[:, :n]
-                logits = model.forward_trusted(tokens, positions[:, :n], attention_mask=step_mask)
+            step_mask = None if mask is None else mask[:, :n]
+            logits = model.forward_trusted(tokens, positions[:, :n], attention_mask=step_mask)
     return tokens
 
 

@@ -32,6 +32,8 @@ __all__ = [
     "check_attention_mask",
     "mask_positions",
     "padded_causal_mask",
+    "window_causal_mask",
+    "continued_positions",
 ]
 
 
@@ -59,6 +61,33 @@ def storage_causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     """:func:`causal_mask` for queries that are the last ``q_len`` of ``k_len`` stored keys (no checks)."""
     rows = torch.arange(k_len - q_len, k_len, device=device)
     return torch.arange(k_len, device=device)[None, :] <= rows[:, None]
+
+
+def window_causal_mask(q_len: int, k_len: int, window: int, device=None) -> torch.Tensor:
+    """Banded causal mask ``(q_len, k_len)``: the queries are the last ``q_len`` stored keys and
+    each sees only the last ``window`` keys up to itself (no checks).
+
+    Sliding-window attention (Mistral 7B, Jiang et al. 2023, arXiv:2310.06825, §2): the query in
+    storage row ``i`` sees keys ``i - window + 1 … i``. With ``window >= k_len`` it is
+    :func:`storage_causal_mask`.
+    """
+    rows = torch.arange(k_len - q_len, k_len, device=device)[:, None]
+    keys = torch.arange(k_len, device=device)[None, :]
+    return (keys <= rows) & (keys > rows - window)
+
+
+def continued_positions(key_mask: torch.Tensor, past_len: int, cached_positions: torch.Tensor) -> torch.Tensor:
+    """Default ``(batch, new)`` position ids of the new tokens after a padded cache that a sliding
+    window has cut (its first tokens evicted), so ``cumsum(mask)`` alone would count too few.
+
+    ``key_mask`` ``(batch, past_len + new)`` covers the cached and the new tokens. A row's next
+    position is its last cached position + 1 when that token is real; if it is padding, the
+    whole row so far is padding (left padding) and counting starts at 0. Equals
+    ``mask_positions(full_mask)[:, -new:]`` of the uncut mask.
+    """
+    last = cached_positions[:, past_len - 1]
+    base = torch.where(key_mask[:, past_len - 1], last + 1, torch.zeros_like(last))
+    return (base[:, None] + key_mask[:, past_len:].long().cumsum(-1) - 1).clamp_(min=0)
 
 
 def check_causal_lengths(causal: bool, q_len: int, k_len: int) -> None:

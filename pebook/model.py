@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ._checks import check_float_tensor, check_int, check_int_tensor
-from .attention import MultiHeadAttention, positions_for
-from .cache import KVCache, check_cache, extend_key_mask
-from .masking import check_attention_mask, mask_positions
+from .attention import MultiHeadAttention, check_rotated_keys_option, positions_for
+from .cache import KVCache, check_cache, extend_key_mask, window_cache
+from .masking import check_attention_mask, continued_positions, mask_positions
 from .registry import ENCODINGS, build_encoding, check_encoding, encoding_options
 
 __all__ = ["TransformerBlock", "TinyLM"]
@@ -67,6 +67,15 @@ class TinyLM(nn.Module):
     ``return_kv=True``) the new tokens attend to the cached ones, which is how generation works.
     ``attention_mask`` (1 token, 0 padding, left-padded, as in ``transformers``) runs a batch of
     sequences of different lengths; positions then default to ``cumsum(attention_mask) - 1``.
+
+    KV-cache inference as deployed (see :class:`pebook.MultiHeadAttention` for both):
+    ``cache_rotated_keys=False`` caches keys before rotation (``"qk"`` encodings only), so that
+    frequencies changed between steps (:meth:`set_rope_frequencies`, or ``rope_frequencies`` of
+    :func:`pebook.generate`) apply to every cached key, at the cost of rotating all cached keys at
+    every step; ``sliding_window=W`` makes every query see only the last ``W`` tokens (Mistral 7B,
+    arXiv:2310.06825), with or without a cache, and keeps at most ``W`` tokens in the returned
+    cache. After tokens are evicted, ``attention_mask`` still covers every token so far
+    (``past_kvs.dropped + past_kvs.length + seq`` columns, as ``transformers``' does).
     """
 
     def __init__(
@@ -80,6 +89,8 @@ class TinyLM(nn.Module):
         *,
         n_kv_heads: int | None = None,
         scale: float | None = None,
+        cache_rotated_keys: bool = True,
+        sliding_window: int | None = None,
         **options,
     ):
         super().__init__()
@@ -94,6 +105,8 @@ class TinyLM(nn.Module):
         self.token_embedding = nn.Embedding(vocab_size, dim)
 
         cls = ENCODINGS[encoding]
+        if cache_rotated_keys is False:
+            check_rotated_keys_option(cls)  # before the blocks, whose own encoding may be "none"
         shape = dict(dim=dim, n_heads=n_heads, head_dim=dim // n_heads, causal=True)
         self.position = None  # an input encoding, owned by the model and added once
         if cls.place == "input":
@@ -107,13 +120,23 @@ class TinyLM(nn.Module):
         else:
             layer_encodings = [encoding] * n_layers
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, n_heads, layer_encoding, n_kv_heads=n_kv_heads, scale=scale, **options)
+            TransformerBlock(
+                dim,
+                n_heads,
+                layer_encoding,
+                n_kv_heads=n_kv_heads,
+                scale=scale,
+                cache_rotated_keys=cache_rotated_keys,
+                sliding_window=sliding_window,
+                **options,
+            )
             for layer_encoding in layer_encodings
         )
         self.final_norm = nn.LayerNorm(dim)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         attn = self.blocks[0].attn
         self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.cache_rotated_keys, self.sliding_window = attn.cache_rotated_keys, attn.sliding_window
         self._shared_bias = cls.shared_across_layers and cls.place == "logits"
 
     @property
@@ -150,7 +173,7 @@ class TinyLM(nn.Module):
         weight = self.token_embedding.weight
         if tokens.device != weight.device:
             raise ValueError(f"tokens is on {tokens.device} but the model is on {weight.device}; move one of them")
-        past_len = 0
+        past_len = dropped = 0
         if past_kvs is not None:
             past_len = check_cache(
                 "past_kvs",
@@ -161,19 +184,35 @@ class TinyLM(nn.Module):
                 batch=batch,
                 device=weight.device,
                 dtype=weight.dtype,
+                keys_rotated=self.cache_rotated_keys,
             )
+            dropped = past_kvs.dropped  # tokens a sliding window evicted: positions count them
         key_mask = None if past_kvs is None else extend_key_mask(past_kvs.mask, seq)
         if attention_mask is not None:
             on_cpu = attention_mask.device.type == "cpu" if isinstance(attention_mask, torch.Tensor) else False
             what = "past_len + seq" if past_kvs is not None else "seq"
-            key_mask = check_attention_mask(
-                "attention_mask", attention_mask, batch, past_len + seq, tokens.device, what=what, values=on_cpu
+            if dropped:
+                what = "past_kvs.dropped + past_len + seq"
+            full_mask = check_attention_mask(
+                "attention_mask",
+                attention_mask,
+                batch,
+                dropped + past_len + seq,
+                tokens.device,
+                what=what,
+                values=on_cpu,
             )
-            if on_cpu and (past_kvs is None or past_kvs.mask is None) and bool(key_mask.all()):
-                key_mask = None  # no padding: the unpadded path, bit for bit
-        if position_ids is None and key_mask is not None:
-            position_ids = mask_positions(key_mask)[:, past_len:]  # each row counts its own tokens
-        q_pos = positions_for(self.encoding_module, batch, seq, past_len, position_ids, tokens.device)
+            if on_cpu and (past_kvs is None or past_kvs.mask is None) and bool(full_mask.all()):
+                full_mask = None  # no padding: the unpadded path, bit for bit
+            if full_mask is not None and position_ids is None:
+                position_ids = mask_positions(full_mask)[:, dropped + past_len :]  # each row counts its own tokens
+            key_mask = full_mask if full_mask is None or not dropped else full_mask[:, dropped:]
+        elif position_ids is None and key_mask is not None:  # a padded cache: each row continues its count
+            if dropped:
+                position_ids = continued_positions(key_mask, past_len, past_kvs.positions)
+            else:
+                position_ids = mask_positions(key_mask)[:, past_len:]
+        q_pos = positions_for(self.encoding_module, batch, seq, dropped + past_len, position_ids, tokens.device)
         return tokens.long(), q_pos, past_len, key_mask
 
     def forward(
@@ -205,6 +244,7 @@ class TinyLM(nn.Module):
         x = self.token_embedding(tokens)
         if self.position is not None:
             x = x + self.position.embed(q_pos, x.dtype)
+        dropped = 0 if past_kvs is None else past_kvs.dropped
         k_pos = q_pos if past_kvs is None else torch.cat((past_kvs.positions, q_pos), dim=1)
         key_mask = attention_mask
         if key_mask is None and past_kvs is not None:
@@ -216,4 +256,11 @@ class TinyLM(nn.Module):
             x, kv = block._forward(x, q_pos, k_pos, past, bias, key_mask)
             new_kvs.append(kv)
         logits = self.lm_head(self.final_norm(x))
-        return (logits, KVCache(new_kvs, k_pos, key_mask)) if return_kv else logits
+        if not return_kv:
+            return logits
+        if self.sliding_window is None and self.cache_rotated_keys:
+            return logits, KVCache(new_kvs, k_pos, key_mask)
+        cache = window_cache(
+            new_kvs, k_pos, key_mask, self.sliding_window, keys_rotated=self.cache_rotated_keys, dropped=dropped
+        )
+        return logits, cache

@@ -223,6 +223,13 @@ class RoPE(PositionalEncoding):
     Options ``rope_base`` (10000), ``rope_layout`` (``"half"`` or ``"interleaved"``) and
     ``rotary_dim`` (``None``: the whole head). ``inv_freq`` is a buffer that stays in float32
     under ``.half()`` / ``.bfloat16()``; :meth:`set_frequencies` installs a context-extension rule.
+
+    A KV cache holds keys after :meth:`rotate` by default, so frequencies changed between decoding
+    steps (``transformers``' dynamic RoPE, ``_compute_dynamic_ntk_parameters``) leave the cached
+    keys at their old rotation. ``TinyLM(..., cache_rotated_keys=False)`` caches them before
+    rotation and calls :meth:`rotate` on all of them at each step, with the current frequencies
+    (``O(cached tokens · head_dim)`` per layer per step); keys cached before rotation are also what
+    StreamingLLM's position shifting needs (Xiao et al. 2023, arXiv:2309.17453).
     """
 
     name = "rope"

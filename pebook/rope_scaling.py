@@ -93,6 +93,7 @@ from ._checks import check_bool, check_even, check_float_dtype, check_float_tens
 from .rope import DEFAULT_ROPE_BASE, rope_frequencies
 
 __all__ = [
+    "FrequencySchedule",
     "HF_ROPE_TYPES",
     "ROPE_SCALING_RULES",
     "YARN_RAMPS",
@@ -108,6 +109,7 @@ __all__ = [
     "longrope_attention_factor",
     "longrope_frequencies",
     "ntk_frequencies",
+    "per_length_frequencies",
     "rope_scaling_frequencies",
     "rule_from_hf_config",
     "wavelength_table",
@@ -955,3 +957,40 @@ def wavelength_table(dim: int, base: float = DEFAULT_ROPE_BASE, *, train_length:
         rotations=rotations,
         completes_period=wavelength <= train_length,
     )
+
+
+# ------------------------------------------------------------------------------------ per-length schedules
+
+#: ``seq_len -> (inv_freq, attention_factor)``: frequencies that depend on the current length
+FrequencySchedule = Callable[[int], tuple[torch.Tensor, float]]
+
+
+def per_length_frequencies(
+    rule: str,
+    dim: int,
+    base: float = DEFAULT_ROPE_BASE,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+    **options,
+) -> FrequencySchedule:
+    """The function ``seq_len -> (inv_freq, attention_factor)`` of a rule at each sequence length.
+
+    ``schedule(seq_len)`` is ``rope_scaling_frequencies(rule, dim, base, seq_len=seq_len,
+    **options)``; give it to ``rope_frequencies`` of :func:`pebook.generate` or
+    :func:`pebook.incremental_logits` to recompute the frequencies before every forward pass,
+    as ``transformers``' dynamic RoPE does (``dynamic_rope_update`` calls
+    ``_compute_dynamic_ntk_parameters`` of ``modeling_rope_utils`` with ``seq_len =
+    max(position_ids) + 1``). Only ``"dynamic"``, ``"dynamic_ntk"`` and ``"longrope"`` depend on
+    ``seq_len``; for the other rules the schedule is constant. The options (``factor``,
+    ``original_max_positions``, the rule's own) are checked now, by one evaluation at
+    ``seq_len = 1``.
+    """
+    if "seq_len" in options:
+        raise TypeError("per_length_frequencies passes seq_len itself (the schedule's argument); do not give it")
+    rope_scaling_frequencies(rule, dim, base, seq_len=1, dtype=dtype, device=device, **options)
+
+    def schedule(seq_len: int) -> tuple[torch.Tensor, float]:
+        return rope_scaling_frequencies(rule, dim, base, seq_len=seq_len, dtype=dtype, device=device, **options)
+
+    return schedule
