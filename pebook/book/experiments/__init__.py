@@ -10,4 +10,8 @@
   results that merge across runs of different encodings.
 * :mod:`pebook.book.experiments.retrieval` — passkey retrieval: does a model trained at length
   ``L`` reach a token more than ``L`` positions back, at distances binned up to 16 ``L``?
+* :mod:`pebook.book.experiments.context_extension` — RoPE context extension with the same
+  protocol: every rule (transformers' variants) at s = 2, 4, 8, with and without fine-tuning, a
+  fine-tuning control, short-input regression, dynamic rules evaluated token by token, passkey
+  retrieval, seeds. (The context-extension chapter still reads the older single-seed run.)
 """
