@@ -11,7 +11,16 @@ import torch
 
 from ... import __version__ as PEBOOK_VERSION
 
-__all__ = ["device_info", "versions", "write_json", "jsonable", "parse_ints"]
+__all__ = [
+    "device_info",
+    "versions",
+    "write_json",
+    "jsonable",
+    "parse_ints",
+    "seed_range",
+    "order_ranges",
+    "read_data_file",
+]
 
 
 def _cpu_model() -> str:
@@ -72,3 +81,29 @@ def parse_ints(text: str) -> tuple[int, ...]:
         return tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def seed_range(values) -> tuple[float, float, float, int] | None:
+    """``(mean, min, max, n)`` of the values of several seeds, or ``None`` when there are none."""
+    values = list(values)
+    return (sum(values) / len(values), min(values), max(values), len(values)) if values else None
+
+
+def order_ranges(first: tuple, second: tuple) -> str:
+    """``"<"`` / ``">"`` when the seed range ``first`` lies wholly below / above ``second``, else ``"~"``.
+
+    Both are :func:`seed_range` tuples; overlapping ranges support no ordering.
+    """
+    (_, low_a, high_a, _), (_, low_b, high_b, _) = first, second
+    if high_a < low_b:
+        return "<"
+    if low_a > high_b:
+        return ">"
+    return "~"
+
+
+def read_data_file(name: str) -> dict:
+    """The JSON results file ``name`` shipped in ``pebook/book/data``."""
+    from importlib import resources
+
+    return json.loads(resources.files("pebook.book").joinpath("data", name).read_text())

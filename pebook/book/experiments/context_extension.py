@@ -84,7 +84,7 @@ from ..evaluation import score_tokens
 from ..training import TrainConfig, _make_optimizer, build_model, learning_rate, train
 from . import length_extrapolation as le
 from . import retrieval as rt
-from ._records import device_info, jsonable, parse_ints, versions, write_json
+from ._records import device_info, jsonable, order_ranges, parse_ints, seed_range, versions, write_json
 
 __all__ = [
     "SCHEMA",
@@ -809,10 +809,7 @@ def summary(results: dict, metric: str = "nonoverlapping", *, finetuned: bool = 
                 if v is not None:
                     values.setdefault("control", {}).setdefault(s, []).append(v)
 
-    def cell(v):
-        return (sum(v) / len(v), min(v), max(v), len(v)) if v else None
-
-    return {name: {s: cell(rows.get(s, [])) for s in factors} for name, rows in values.items()}
+    return {name: {s: seed_range(rows.get(s, [])) for s in factors} for name, rows in values.items()}
 
 
 def compare(
@@ -833,12 +830,7 @@ def compare(
         if table[name][factor] is None:
             raise ValueError(f"{name!r} has no {metric} at s = {factor}")
         cells.append(table[name][factor])
-    (_, low_a, high_a, _), (_, low_b, high_b, _) = cells
-    if high_a < low_b:
-        return "<"
-    if low_a > high_b:
-        return ">"
-    return "~"
+    return order_ranges(*cells)
 
 
 def validate_results(results: dict) -> None:

@@ -40,7 +40,6 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ from ...registry import ENCODINGS
 from ...utils import default_device
 from .. import corpus
 from ..training import TrainConfig, TrainState, build_model, evaluate_length, loss_by_bucket, train
-from ._records import device_info, jsonable, versions, write_json
+from ._records import device_info, jsonable, read_data_file, versions, write_json
 
 __all__ = [
     "PRESETS",
@@ -542,7 +541,7 @@ def validate_results(results: dict) -> None:
 
 def load_results(name: str = "extrapolation_full.json") -> dict:
     """A results file shipped in ``pebook/book/data`` (default: the committed full run), validated."""
-    results = json.loads(resources.files("pebook.book").joinpath("data", name).read_text())
+    results = read_data_file(name)
     validate_results(results)
     return results
 

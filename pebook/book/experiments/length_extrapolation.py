@@ -45,7 +45,6 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -55,7 +54,7 @@ from ...utils import default_device
 from .. import corpus
 from ..evaluation import TokenScores, paired_by_context, score_tokens, window_context
 from ..training import TrainConfig, build_model, train
-from ._records import device_info, jsonable, parse_ints, versions, write_json
+from ._records import device_info, jsonable, order_ranges, parse_ints, read_data_file, seed_range, versions, write_json
 
 __all__ = [
     "SCHEMA",
@@ -500,7 +499,7 @@ def summary(results: dict, protocol: str = "nonoverlapping") -> dict:
                 for e in record["evaluation"]["lengths"]
                 if e["multiple"] == multiple and protocol in e
             ]
-            rows[multiple] = (sum(values) / len(values), min(values), max(values), len(values)) if values else None
+            rows[multiple] = seed_range(values)
         table[encoding] = rows
     return table
 
@@ -522,12 +521,7 @@ def compare(results: dict, first: str, second: str, multiple: int, protocol: str
         if table[name][multiple] is None:
             raise ValueError(f"{name!r} has no loss at {multiple}x (refused)")
         cells.append(table[name][multiple])
-    (_, low_a, high_a, _), (_, low_b, high_b, _) = cells
-    if high_a < low_b:
-        return "<"
-    if low_a > high_b:
-        return ">"
-    return "~"
+    return order_ranges(*cells)
 
 
 def validate_results(results: dict) -> None:
@@ -567,7 +561,7 @@ def validate_results(results: dict) -> None:
 
 def load_results(name: str = "length_extrapolation_full.json") -> dict:
     """A results file shipped in ``pebook/book/data``, validated."""
-    results = json.loads(resources.files("pebook.book").joinpath("data", name).read_text())
+    results = read_data_file(name)
     validate_results(results)
     return results
 

@@ -62,7 +62,7 @@ from ...registry import ENCODINGS, check_encoding
 from ...utils import default_device
 from ..corpus import VOCAB_SIZE
 from ..training import TrainConfig, _make_optimizer, build_model, learning_rate
-from ._records import device_info, parse_ints, versions, write_json
+from ._records import device_info, parse_ints, read_data_file, versions, write_json
 
 __all__ = [
     "SCHEMA",
@@ -641,9 +641,7 @@ def validate_results(results: dict) -> None:
 
 def load_results(name: str = "retrieval_chapter.json") -> dict:
     """A results file shipped in ``pebook/book/data``, validated."""
-    from importlib import resources
-
-    results = json.loads(resources.files("pebook.book").joinpath("data", name).read_text())
+    results = read_data_file(name)
     validate_results(results)
     return results
 
