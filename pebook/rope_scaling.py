@@ -13,12 +13,19 @@ rule               new frequencies ``θ'_i``                                    
 ``"linear"``       ``θ_i / s`` (positions ``m → m/s``)                          Chen et al. 2023
 ``"ntk"``          ``base' = base · s^(d/(d-2))``                               bloc97 2023
 ``"dynamic_ntk"``  ``"ntk"`` with ``s = max(1, seq_len / L)``                   emozilla 2023
-``"yarn"``         ``(1-γ(r_i)) θ_i/s + γ(r_i) θ_i``, ``r_i = L/λ_i``          Peng et al. 2023
+``"yarn"``         ``(1-γ_i) θ_i/s + γ_i θ_i``, ``γ_i`` linear in the pair index     Peng et al. 2023
+                   between rounded ends (the reference code, ``transformers``)
+``"yarn_paper"``   as ``"yarn"`` with the paper's ``γ_i = γ(r_i)``, ``r_i = L/λ_i``  Peng et al. 2023
 ``"dynamic"``      ``"ntk"`` with ``s = f·max(seq_len, L)/L - (f - 1)``         emozilla 2023
-``"llama3"``       ``"yarn"``'s paper ramp with ``α, β = low/high_freq_factor``  Dubey et al. 2024
+``"llama3"``       ``"yarn_paper"``'s ramp with ``α, β = low/high_freq_factor``  Dubey et al. 2024
 ``"longrope"``     ``θ_i / λ_i``, per-pair factors ``λ_i`` (short or long set)  Ding et al. 2024
 ``"base"``         ``new_base^(-2i/d)`` (adjusted base frequency, "ABF")        Xiong et al. 2023
 =================  ===========================================================  ==================
+
+Where a paper and the code that checkpoints are configured for differ, the rule's plain name
+is what ``transformers``' ``ROPE_INIT_FUNCTIONS`` computes for the same config (``"yarn"``,
+``"dynamic"``, ``"llama3"``, ``"longrope"``, ``"linear"``), and the paper's version has its own
+name: ``"yarn_paper"`` (the ramp linear in ``r``) and ``"dynamic_ntk"`` (``s = max(1, seq_len/L)``).
 
 ``inv_freq`` has shape ``(d/2,)`` and is computed in float64 and rounded once to ``dtype``.
 ``attention_factor`` multiplies the rotated queries and keys (as ``transformers`` multiplies its
@@ -46,11 +53,11 @@ options it uses. ``L_hf`` is the config's ``max_position_embeddings``, ``L_orig`
                                 ``seq_len``; ``None`` means ``L_hf``). *Not* ``"dynamic_ntk"``,
                                 which is the paper's ``s = max(1, seq_len/L)``, equal only at
                                 ``factor = 1``.
-``"yarn"``                      ``"yarn"`` with ``ramp="transformers"`` (and ``truncate``,
+``"yarn"``                      ``"yarn"`` (its default ``ramp="transformers"``, and ``truncate``,
                                 ``mscale``, ``mscale_all_dim``, ``attention_factor``,
                                 ``beta_fast``, ``beta_slow``, ``original_max_positions = L_orig``;
-                                a null ``factor`` means ``L_hf / L_orig``). ``"yarn"`` with its
-                                default ``ramp="paper"`` is the paper's γ(r), not ``transformers``.
+                                a null ``factor`` means ``L_hf / L_orig``). ``"yarn_paper"``
+                                (``ramp="paper"``) is the paper's γ(r), not ``transformers``.
 ``"longrope"``                  ``"longrope"`` (``short_factor``, ``long_factor``,
                                 ``original_max_positions = L_orig``, ``seq_len``: long factors
                                 when ``seq_len > L_orig``, short ones otherwise and for ``None``;
@@ -60,6 +67,7 @@ options it uses. ``L_hf`` is the config's ``max_position_embeddings``, ``L_orig`
 (none)                          ``"ntk"``: static NTK-aware scaling (``transformers`` has it only
                                 inside ``"dynamic"``)
 (none)                          ``"dynamic_ntk"``: the paper's dynamic scaling (see above)
+(none)                          ``"yarn_paper"``: the paper's YaRN ramp (see above)
 (none)                          ``"base"``: ABF. A ``transformers`` config expresses it as
                                 ``"default"`` with a larger ``rope_theta`` (Code Llama: 10⁶);
                                 :func:`from_hf_config` also accepts the pebook-only
@@ -115,6 +123,7 @@ __all__ = [
     "wavelength_table",
     "yarn_attention_factor",
     "yarn_frequencies",
+    "yarn_paper_frequencies",
     "yarn_ramp",
 ]
 
@@ -306,7 +315,7 @@ def yarn_frequencies(
     original_max_positions: int,
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
-    ramp: str = "paper",
+    ramp: str = "transformers",
     truncate: bool = True,
     mscale: float | None = None,
     mscale_all_dim: float | None = None,
@@ -332,13 +341,14 @@ def yarn_frequencies(
 
     ``ramp`` chooses how ``γ`` is computed between the two boundaries:
 
-    * ``"paper"`` (default): ``γ(r_i)`` exactly as above, linear in ``r``.
-    * ``"transformers"``: the authors' reference code (``jquesnelle/yarn``) and ``transformers``'
-      ``_compute_yarn_parameters``: the pair indices where ``r = β`` and ``r = α``
-      (``find_correction_dim``) are rounded outwards (``floor`` / ``ceil``, clamped to
+    * ``"transformers"`` (default): the authors' reference code (``jquesnelle/yarn``) and
+      ``transformers``' ``_compute_yarn_parameters``, which every YaRN checkpoint is configured
+      for (``rope_scaling={"rope_type": "yarn", ...}``): the pair indices where ``r = β`` and
+      ``r = α`` (``find_correction_dim``) are rounded outwards (``floor`` / ``ceil``, clamped to
       ``[0, d - 1]``) and ``γ`` falls *linearly in the pair index* between them, i.e. linearly in
-      ``log r``. Use it to reproduce checkpoints configured with
-      ``rope_scaling={"rope_type": "yarn", ...}``.
+      ``log r``.
+    * ``"paper"``: ``γ(r_i)`` exactly as written above, linear in ``r``; the rule
+      ``"yarn_paper"`` (:func:`yarn_paper_frequencies`).
 
     The two agree on every pair outside the ramp (``γ = 0`` where ``r_i <= α``, ``γ = 1`` where
     ``r_i >= β``) and in general differ inside it, with two exceptions due to the reference's
@@ -360,8 +370,8 @@ def yarn_frequencies(
     ``mscale_all_dim`` alone is an error here (``transformers`` ignores it; :func:`from_hf_config`
     does the same).
 
-    ``yarn_frequencies(..., ramp="transformers", truncate=..., mscale=..., mscale_all_dim=...,
-    attention_factor=...)`` is ``transformers``' ``"yarn"`` rope_type.
+    ``yarn_frequencies(..., truncate=..., mscale=..., mscale_all_dim=..., attention_factor=...)``
+    with the default ramp is ``transformers``' ``"yarn"`` rope_type.
     """
     dim, base = _check_common(dim, base, dtype)
     factor = _check_factor(factor)
@@ -389,6 +399,41 @@ def yarn_frequencies(
     else:
         gamma = _transformers_gamma(dim, base, original_max_positions, beta_fast, beta_slow, device, truncate)
     return _blend(theta, factor, gamma).to(dtype), scale
+
+
+def yarn_paper_frequencies(
+    dim: int,
+    base: float = DEFAULT_ROPE_BASE,
+    *,
+    factor: float,
+    original_max_positions: int,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+    attention_factor: float | None = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> tuple[torch.Tensor, float]:
+    """YaRN as the paper writes it: :func:`yarn_frequencies` with ``ramp="paper"``.
+
+    Peng et al. (2023), arXiv:2309.00071, §3.2 and §3.4: ``θ'_i = (1 - γ(r_i)) θ_i/s + γ(r_i) θ_i``
+    with the ramp :func:`yarn_ramp` linear in ``r_i = L/λ_i`` between ``α = beta_slow`` and
+    ``β = beta_fast``, and the attention factor ``0.1 ln(s) + 1`` (or ``attention_factor``). It
+    differs from ``"yarn"`` (the reference code's ramp, linear in the pair index between rounded
+    ends) inside the ramp, and for ``L < 2πβ`` on pair 0, which this version partly interpolates
+    (see :func:`yarn_frequencies`). No released checkpoint is configured for it.
+    """
+    return yarn_frequencies(
+        dim,
+        base,
+        factor=factor,
+        original_max_positions=original_max_positions,
+        beta_fast=beta_fast,
+        beta_slow=beta_slow,
+        ramp="paper",
+        attention_factor=attention_factor,
+        dtype=dtype,
+        device=device,
+    )
 
 
 def _blend(theta: torch.Tensor, factor: float, gamma: torch.Tensor) -> torch.Tensor:
@@ -474,7 +519,7 @@ def llama3_frequencies(
                                       γ_i = (L/λ_i - low_freq_factor) / (high_freq_factor - low_freq_factor)
 
     Since ``L/λ_i = r_i`` is YaRN's number of turns in the training context, this is YaRN's
-    NTK-by-parts with the *paper's* ramp (:func:`yarn_frequencies` ``ramp="paper"``) and
+    NTK-by-parts with the *paper's* ramp (:func:`yarn_paper_frequencies`) and
     ``α = low_freq_factor``, ``β = high_freq_factor``, without an attention factor (it is 1).
     Requires ``0 < low_freq_factor < high_freq_factor``.
     """
@@ -607,6 +652,7 @@ ROPE_SCALING_RULES: dict[str, Callable[..., tuple[torch.Tensor, float]]] = {
     "ntk": ntk_frequencies,
     "dynamic_ntk": dynamic_ntk_frequencies,
     "yarn": yarn_frequencies,
+    "yarn_paper": yarn_paper_frequencies,
     "dynamic": dynamic_frequencies,
     "llama3": llama3_frequencies,
     "longrope": longrope_frequencies,
@@ -635,14 +681,16 @@ def rope_scaling_frequencies(
     """``(inv_freq, attention_factor)`` of the rule named ``rule`` (a key of :data:`ROPE_SCALING_RULES`).
 
     ``factor``, ``original_max_positions`` and ``seq_len`` go to the rules that use them:
-    ``factor`` to ``"linear"``, ``"ntk"``, ``"yarn"``, ``"dynamic"``, ``"llama3"`` and
-    ``"longrope"``; ``original_max_positions`` to ``"dynamic_ntk"``, ``"yarn"``, ``"dynamic"``,
-    ``"llama3"`` and ``"longrope"`` (where it is required); ``seq_len`` to ``"dynamic_ntk"``,
+    ``factor`` to ``"linear"``, ``"ntk"``, ``"yarn"``, ``"yarn_paper"``, ``"dynamic"``,
+    ``"llama3"`` and ``"longrope"``; ``original_max_positions`` to ``"dynamic_ntk"``, ``"yarn"``,
+    ``"yarn_paper"``, ``"dynamic"``, ``"llama3"`` and ``"longrope"`` (where it is required);
+    ``seq_len`` to ``"dynamic_ntk"``,
     ``"dynamic"`` and ``"longrope"`` (required). A rule ignores the ones it does not use, so one
     call pattern sweeps every rule (as ``transformers`` ignores ``seq_len`` for its static rules);
     they are validated all the same. ``rule_options`` are the rule's own keyword options
     (``"yarn"``: ``beta_fast``, ``beta_slow``, ``ramp``, ``truncate``, ``mscale``,
-    ``mscale_all_dim``, ``attention_factor``; ``"llama3"``: ``low_freq_factor``,
+    ``mscale_all_dim``, ``attention_factor``; ``"yarn_paper"``: ``beta_fast``, ``beta_slow``,
+    ``attention_factor``; ``"llama3"``: ``low_freq_factor``,
     ``high_freq_factor``; ``"longrope"``: ``short_factor``, ``long_factor`` (required),
     ``attention_factor``; ``"base"``: ``new_base`` (required)); anything else is an error.
     """

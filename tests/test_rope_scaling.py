@@ -7,9 +7,10 @@ References (below, float64, Python floats, one pair at a time; none calls pebook
 * ntk: base' = base · s^(d/(d-2)) (bloc97 2023; YaRN §3.1);
 * dynamic_ntk: ntk with s = max(1, l'/L) (YaRN §3.3); and transformers'
   ``_compute_dynamic_ntk_parameters`` quoted, which agrees at its factor = 1;
-* yarn: r = L/λ, the piecewise γ(r), θ' = (1-γ)θ/s + γθ, sqrt(1/t) = 0.1 ln s + 1 (YaRN §2.3,
-  §3.2, §3.4); and transformers' ``_compute_yarn_parameters`` quoted (find_correction_dim,
-  floor/ceil, linear_ramp_factor) for ``ramp="transformers"``;
+* yarn_paper: r = L/λ, the piecewise γ(r), θ' = (1-γ)θ/s + γθ, sqrt(1/t) = 0.1 ln s + 1 (YaRN
+  §2.3, §3.2, §3.4);
+* yarn (its default ``ramp="transformers"``): transformers' ``_compute_yarn_parameters`` quoted
+  (find_correction_dim, floor/ceil, linear_ramp_factor);
 * dynamic (transformers' "dynamic"): the quoted ``_compute_dynamic_ntk_parameters`` above;
 * llama3: Llama 3.1's ``apply_scaling`` (meta-llama/llama-models), case by case;
 * longrope: θ_i / λ_i with λ the long or short factors (LongRoPE), attention sqrt(1 + ln s / ln L);
@@ -54,11 +55,12 @@ from pebook.rope_scaling import (
     wavelength_table,
     yarn_attention_factor,
     yarn_frequencies,
+    yarn_paper_frequencies,
     yarn_ramp,
 )
 
 F64 = torch.float64
-RULES = ["default", "linear", "ntk", "dynamic_ntk", "yarn"]
+RULES = ["default", "linear", "ntk", "dynamic_ntk", "yarn", "yarn_paper"]
 NEW_RULES = ["dynamic", "llama3", "longrope", "base"]  # added with from_hf_config; tested at the end
 ALL_RULES = RULES + NEW_RULES
 TIGHT = dict(rtol=1e-13, atol=0.0)  # float64 against Python-float references: pow rounding only
@@ -168,7 +170,8 @@ def test_rules_match_their_formulas(device, d, base, s, L):
         "default": (default_ref(d, base), 1.0),
         "linear": (linear_ref(d, base, s), 1.0),
         "ntk": (ntk_ref(d, base, s), 1.0),
-        "yarn": (yarn_paper_ref(d, base, s, L), 0.1 * math.log(s) + 1),
+        "yarn": yarn_transformers_ref(d, base, s, L),  # the default ramp is the reference code's
+        "yarn_paper": (yarn_paper_ref(d, base, s, L), 0.1 * math.log(s) + 1),
     }
     for rule, (freqs, factor) in expected.items():
         got, got_factor = run(rule, factor=s, original_max_positions=L)
@@ -195,7 +198,7 @@ def test_yarn_transformers_ramp_matches_transformers(device, d, base, s, L):
 def test_yarn_options_reach_the_formula(device, d, base, L, beta_fast, beta_slow):
     got, _ = cpu64(
         rope_scaling_frequencies(
-            "yarn",
+            "yarn_paper",
             d,
             base,
             factor=3.0,
@@ -218,7 +221,6 @@ def test_yarn_options_reach_the_formula(device, d, base, L, beta_fast, beta_slow
             device=device,
             beta_fast=beta_fast,
             beta_slow=beta_slow,
-            ramp="transformers",
         )
     )
     torch.testing.assert_close(got, yarn_transformers_ref(d, base, 3.0, L, beta_fast, beta_slow)[0], **TIGHT)
@@ -330,7 +332,7 @@ def test_transformers_ramp_keeps_pair_zero_when_training_is_short(device):
     clamps its lower boundary at pair 0 and keeps that pair, the paper partly interpolates it.
     d = 8, L = 64, s = 4 by hand: r_0 = 64/2π = 10.186, γ(r_0) = 9.186/31 = 0.2963."""
     kw = dict(factor=4.0, original_max_positions=64, dtype=F64, device=device)
-    paper = yarn_frequencies(8, **kw)[0].cpu()
+    paper = yarn_frequencies(8, ramp="paper", **kw)[0].cpu()
     code = yarn_frequencies(8, ramp="transformers", **kw)[0].cpu()
     assert code[0].item() == 1.0
     gamma0 = (64 / (2 * math.pi) - 1) / 31
@@ -377,8 +379,10 @@ def test_ntk_interpolates_exactly_the_slowest_pair_and_keeps_the_fastest(device,
 
 @given(d=dims, base=bases, s=factors, L=lengths)
 def test_yarn_matches_the_papers_formula_everywhere(device, d, base, s, L):
-    got = yarn_frequencies(d, base, factor=s, original_max_positions=L, dtype=F64, device=device)[0].cpu()
+    kw = dict(factor=s, original_max_positions=L, dtype=F64, device=device)
+    got = yarn_frequencies(d, base, ramp="paper", **kw)[0].cpu()
     torch.testing.assert_close(got, t64(yarn_paper_ref(d, base, s, L)), rtol=1e-12, atol=0)
+    assert torch.equal(yarn_paper_frequencies(d, base, **kw)[0].cpu(), got)
 
 
 @given(d=dims, base=bases, s=factors, L=lengths)
@@ -412,7 +416,7 @@ def test_transformers_ramp_in_degenerate_settings(device, d, base, L, keeps):
     kw = dict(factor=4.0, original_max_positions=L, dtype=F64, device=device)
     default = default_frequencies(d, base, dtype=F64, device=device)[0]
     linear = linear_frequencies(d, base, factor=4.0, dtype=F64, device=device)[0]
-    code, paper = yarn_frequencies(d, base, ramp="transformers", **kw)[0], yarn_frequencies(d, base, **kw)[0]
+    code, paper = yarn_frequencies(d, base, **kw)[0], yarn_frequencies(d, base, ramp="paper", **kw)[0]
     torch.testing.assert_close(code, default if keeps else linear, **TIGHT)
     torch.testing.assert_close(paper, linear if keeps else default, **TIGHT)
 
@@ -455,12 +459,12 @@ def test_snapshot_small_case_by_hand(device):
         "linear": [0.25, 0.025, 0.0025, 0.00025],
         "ntk": [1.0, 0.06299605249474366, 0.003968502629920499, 0.00025],
         "dynamic_ntk": [1.0, 0.06299605249474366, 0.003968502629920499, 0.00025],
-        "yarn": [0.47223991188422504, 0.025044979764003543, 0.0025, 0.00025],
+        "yarn_paper": [0.47223991188422504, 0.025044979764003543, 0.0025, 0.00025],
     }
     for rule, values in expected.items():
         got, _ = cpu64(rope_scaling_frequencies(rule, 8, **kw))
         torch.testing.assert_close(got, t64(values), rtol=1e-14, atol=0, msg=rule)
-    got, factor = cpu64(rope_scaling_frequencies("yarn", 8, ramp="transformers", **kw))
+    got, factor = cpu64(rope_scaling_frequencies("yarn", 8, **kw))  # the default ramp: transformers
     torch.testing.assert_close(got, t64([1.0, 0.0625, 0.0025, 0.00025]), rtol=1e-14, atol=0)
     assert factor == pytest.approx(1.1386294361119891, rel=1e-15)  # 0.1 ln 4 + 1
 
@@ -471,7 +475,7 @@ def test_snapshot_qwen_style_yarn(device):
     kw = dict(factor=4.0, original_max_positions=32768, dtype=F64, device=device)
     pairs = [0, 20, 30, 40, 63]
     code = yarn_frequencies(128, 1e6, ramp="transformers", **kw)[0].cpu()[pairs]
-    paper = yarn_frequencies(128, 1e6, **kw)[0].cpu()[pairs]
+    paper = yarn_frequencies(128, 1e6, ramp="paper", **kw)[0].cpu()[pairs]
     torch.testing.assert_close(code, t64(SNAP_CODE), rtol=1e-12, atol=0)
     torch.testing.assert_close(paper, t64(SNAP_PAPER), rtol=1e-12, atol=0)
 
@@ -579,7 +583,9 @@ def test_set_rope_frequencies_rejects_bad_input(device):
 
 
 def test_unknown_rule_names_the_allowed_ones(device):
-    allowed = r"\('default', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'dynamic', 'llama3', 'longrope', 'base'\)"
+    allowed = (
+        r"\('default', 'linear', 'ntk', 'dynamic_ntk', 'yarn', 'yarn_paper', 'dynamic', 'llama3', 'longrope', 'base'\)"
+    )
     for bad in ("ntk-aware", "Linear", "dynamic-ntk", None, 3):
         with pytest.raises(ValueError, match=rf"rule must be one of {allowed}, got {bad!r}"):
             rope_scaling_frequencies(bad, 8, device=device)
@@ -823,7 +829,9 @@ def test_llama3_keeps_high_frequencies_and_divides_low_ones(device, d, base, s, 
     middle = ~fast & ~slow
     assert (got[middle] <= theta[middle] * (1 + 1e-15)).all() and (got[middle] >= theta[middle] / s * (1 - 1e-15)).all()
     # llama3 is YaRN's NTK-by-parts with the paper's ramp, α = low, β = high, and no temperature
-    yarn = yarn_frequencies(d, base, factor=s, original_max_positions=L, beta_slow=low, beta_fast=high, dtype=F64)[0]
+    yarn = yarn_paper_frequencies(
+        d, base, factor=s, original_max_positions=L, beta_slow=low, beta_fast=high, dtype=F64
+    )[0]
     assert torch.equal(got, yarn)
 
 
@@ -1497,7 +1505,7 @@ def test_yarn_rule_options_are_checked():
     ):
         yarn_frequencies(16, mscale=0.7, **kw)
     with pytest.raises(ValueError, match=r"truncate=False applies only to ramp='transformers' .*got ramp='paper'"):
-        yarn_frequencies(16, truncate=False, **kw)
+        yarn_frequencies(16, truncate=False, ramp="paper", **kw)
     with pytest.raises(ValueError, match=r"mscale must be a finite number > 0, got 0.0"):
         yarn_attention_factor(4.0, mscale=0.0)
 
