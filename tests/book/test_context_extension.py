@@ -11,6 +11,7 @@ import torch
 from pebook.book.evaluation import score_tokens
 from pebook.book.experiments import context_extension as ce
 from pebook.book.experiments import length_extrapolation as le
+from pebook.book.experiments._records import jsonable
 from pebook.book.training import build_model
 from pebook.rope_scaling import per_length_frequencies, rope_scaling_frequencies
 
@@ -147,6 +148,60 @@ def test_compare_orders_only_separated_ranges(micro):
     assert ce.compare(fake, "linear", "ntk", 2) == "<"
     assert ce.compare(fake, "ntk", "linear", 2) == ">"
     assert ce.compare(fake, "linear", "yarn", 2) == "~"
+
+
+def test_paired_difference_and_paired_compare(micro):
+    """Paired: a seed offset common to both rules cancels; only the per-seed difference counts."""
+    fake = json.loads(json.dumps(micro))
+    for i, record in enumerate(fake["runs"].values()):
+        offset = 1.0 * i  # the seeds' base models differ a lot ...
+        record["extensions"]["linear"]["2"]["no_finetune"]["nonoverlapping"] = 2.0 + offset
+        record["extensions"]["ntk"]["2"]["no_finetune"]["nonoverlapping"] = 2.1 + offset  # ... ntk always 0.1 worse
+        record["extensions"]["yarn"]["2"]["no_finetune"]["nonoverlapping"] = 2.0 + offset + (0.05 if i else -0.05)
+        record["control"]["lengths"][str(2 * fake["config"]["train_len"])]["nonoverlapping"] = 5.0 + offset
+        record["extensions"]["linear"]["2"]["finetuned"]["nonoverlapping"] = 4.0 + offset
+    mean, low, high, n = ce.paired_difference(fake, "linear", "ntk", 2)
+    assert (round(mean, 12), round(low, 12), round(high, 12), n) == (-0.1, -0.1, -0.1, 2)
+    assert ce.compare(fake, "linear", "ntk", 2) == "~"  # unpaired: the ranges overlap
+    assert ce.compare(fake, "linear", "ntk", 2, paired=True) == "<"
+    assert ce.compare(fake, "ntk", "linear", 2, paired=True) == ">"
+    assert ce.compare(fake, "linear", "yarn", 2, paired=True) == "~"  # the sign changes between seeds
+    assert ce.compare(fake, "linear", "control", 2, finetuned=True, paired=True) == "<"
+    mean, low, high, n = ce.paired_difference(fake, "control", "linear", 2, finetuned=True)
+    assert math.isclose(mean, 1.0) and n == 2
+    with pytest.raises(ValueError, match="not in the results"):
+        ce.paired_difference(fake, "linear", "control", 2)  # the control is fine-tuned only
+    with pytest.raises(ValueError, match="has no dynamic"):
+        ce.compare(fake, "linear", "dynamic", 2, "dynamic", paired=True)
+    with pytest.raises(TypeError, match="paired must be a bool, got 'yes'"):
+        ce.compare(fake, "linear", "ntk", 2, paired="yes")
+
+
+def test_committed_chapter_results():
+    """The results the chapter reads: the chapter preset, three seeds, every default rule and the paper's YaRN."""
+    results = ce.load_results()
+    assert results["preset"] == "chapter" and results["config"] == jsonable(ce.preset_config("chapter"))
+    assert set(results["runs"]) == {"0", "1", "2"}
+    for record in results["runs"].values():
+        assert set(record["extensions"]) == set(ce.DEFAULT_RULES) | {"yarn_paper"}
+        assert record["torch_threads"] == 1 and record["device"] == "cpu"
+    yarn = results["runs"]["0"]["extensions"]["yarn"]["4"]["no_finetune"]
+    assert yarn["options"] == {"ramp": "transformers"}
+    assert yarn["attention_factor"] == pytest.approx(0.1 * math.log(4) + 1)
+    # frozen snapshot: plain RoPE of seed 0 at 4 L, without fine-tuning (the chapter's live run repeats it)
+    default = results["runs"]["0"]["extensions"]["default"]["4"]["no_finetune"]
+    assert default["nonoverlapping"] == pytest.approx(2.1450, abs=5e-5)
+    assert default["nonoverlapping"] == results["runs"]["0"]["base"]["lengths"]["256"]["nonoverlapping"]
+
+
+def test_rule_schedule_is_the_rule_at_every_length():
+    schedule = ce.rule_schedule("dynamic", 4, 16, 8)
+    for seq_len in (1, 16, 17, 64, 100):
+        inv_freq, attention = schedule(seq_len)
+        expected = rope_scaling_frequencies("dynamic", 8, factor=4.0, original_max_positions=16, seq_len=seq_len)
+        assert torch.equal(inv_freq, expected[0]) and attention == expected[1]
+    doubled = ce.rule_schedule("dynamic_ntk:factor_multiplier=2", 4, 16, 8)(64)[0]
+    assert torch.equal(doubled, rope_scaling_frequencies("dynamic_ntk", 8, original_max_positions=16, seq_len=64)[0])
 
 
 def test_merge_results(micro):

@@ -46,9 +46,12 @@ independent of ``s``; the NTK base ``base·s^(d/(d-2))`` would make it equal to 
 
 Seeds change the initial weights and the batches of training and fine-tuning. Results are
 JSON-ready dicts (schema :data:`SCHEMA`) with the preset, hyper-parameters, device, versions and
-wall time. :func:`summary` gives mean, min and max over seeds and :func:`compare` orders two rules
-only where every seed of one is below every seed of the other: conclusions only where the gaps
-exceed the seed spread.
+wall time. :func:`summary` gives mean, min and max over seeds. :func:`compare` orders two rules
+only where the gap exceeds the seed spread: unpaired, where every seed of one is below every seed
+of the other; paired (``paired=True``, :func:`paired_difference`), where the difference of the two
+rules on the same seed's base model has the same sign on every seed, which removes what a seed does
+to every rule alike. The book's results (chapter preset, seeds 0-2, one CPU thread) ship as
+``pebook/book/data/context_extension_chapter.json`` (:func:`load_results`).
 
 Command line::
 
@@ -84,7 +87,16 @@ from ..evaluation import score_tokens
 from ..training import TrainConfig, _make_optimizer, build_model, learning_rate, train
 from . import length_extrapolation as le
 from . import retrieval as rt
-from ._records import device_info, jsonable, order_ranges, parse_ints, seed_range, versions, write_json
+from ._records import (
+    device_info,
+    jsonable,
+    order_ranges,
+    parse_ints,
+    read_data_file,
+    seed_range,
+    versions,
+    write_json,
+)
 
 __all__ = [
     "SCHEMA",
@@ -94,6 +106,7 @@ __all__ = [
     "parse_rule",
     "preset_config",
     "rule_frequencies",
+    "rule_schedule",
     "finetune_config",
     "evaluate_lengths",
     "dynamic_scores",
@@ -101,8 +114,10 @@ __all__ = [
     "run",
     "merge_results",
     "summary",
+    "paired_difference",
     "compare",
     "validate_results",
+    "load_results",
     "main",
 ]
 
@@ -264,7 +279,10 @@ def rule_frequencies(
     )
 
 
-def _schedule(spec: str, factor: int, train_len: int, dim: int, base: float = DEFAULT_ROPE_BASE):
+def rule_schedule(spec: str, factor: int, train_len: int, dim: int, base: float = DEFAULT_ROPE_BASE):
+    """The per-length frequency schedule of rule ``spec`` (for the dynamic rules: ``seq_len -> (inv_freq,
+    attention_factor)``), as :func:`pebook.rope_scaling.per_length_frequencies` builds it with the
+    options of :func:`rule_frequencies`; pass it to :func:`dynamic_scores` or ``generate``."""
     name, options = parse_rule(spec)
     multiplier = options.pop("factor_multiplier", 1)
     return per_length_frequencies(
@@ -606,7 +624,7 @@ class _Seed:
             record["dynamic"] = None
             if name in DYNAMIC_RULES:
                 windows = _windows(self.tokens, length, c["dynamic_bytes"] // length)
-                dyn = dynamic_scores(model, windows, _schedule(spec, factor, L, self.dim), device=self.device)
+                dyn = dynamic_scores(model, windows, rule_schedule(spec, factor, L, self.dim), device=self.device)
                 stat = static_scores(model, windows, device=self.device)
                 record["dynamic"] = {
                     "protocol": "dynamic",
@@ -812,17 +830,11 @@ def summary(results: dict, metric: str = "nonoverlapping", *, finetuned: bool = 
     return {name: {s: seed_range(rows.get(s, [])) for s in factors} for name, rows in values.items()}
 
 
-def compare(
-    results: dict, first: str, second: str, factor: int, metric: str = "nonoverlapping", *, finetuned: bool = False
-) -> str:
-    """``"<"`` or ``">"`` when every seed of ``first`` is below (above) every seed of ``second``; else ``"~"``.
-
-    ``"~"``: the seeds' ranges overlap, and the results support no ordering at ``s = factor``.
-    Raises ``ValueError`` when a rule is not in the results or has no value there.
-    """
+def _seed_ranges(results: dict, names, factor: int, metric: str, finetuned: bool) -> list:
+    """The :func:`summary` cells of ``names`` at ``s = factor``; ``ValueError`` naming a missing one."""
     table = summary(results, metric, finetuned=finetuned)
     cells = []
-    for name in (first, second):
+    for name in names:
         if name not in table:
             raise ValueError(f"rule {name!r} is not in the results for this metric; they hold {sorted(table)}")
         if factor not in table[name]:
@@ -830,7 +842,63 @@ def compare(
         if table[name][factor] is None:
             raise ValueError(f"{name!r} has no {metric} at s = {factor}")
         cells.append(table[name][factor])
-    return order_ranges(*cells)
+    return cells
+
+
+def _per_seed(results: dict, name: str, factor: int, metric: str, finetuned: bool) -> dict:
+    """``{seed: value}`` of rule ``name`` (or ``"control"``) at ``s = factor``, for the seeds that have it."""
+    key = "finetuned" if finetuned else "no_finetune"
+    out = {}
+    for seed, record in results["runs"].items():
+        if name == "control":
+            value = _control_metric(record["control"], results["config"], factor, metric) if finetuned else None
+        elif name in record["extensions"]:
+            value = _metric(record["extensions"][name][str(factor)][key], metric)
+        else:
+            value = None
+        if value is not None:
+            out[seed] = value
+    return out
+
+
+def paired_difference(
+    results: dict, first: str, second: str, factor: int, metric: str = "nonoverlapping", *, finetuned: bool = False
+):
+    """``(mean, min, max, n)`` over seeds of ``first - second`` at ``s = factor``, both on the same seed.
+
+    Both rules extend the same trained model of a seed, so their per-seed difference removes what
+    the seed does to every rule alike (a better or worse base model). ``None`` when no seed has both.
+    """
+    _seed_ranges(results, (first, second), factor, metric, finetuned)
+    a = _per_seed(results, first, factor, metric, finetuned)
+    b = _per_seed(results, second, factor, metric, finetuned)
+    return seed_range(a[seed] - b[seed] for seed in sorted(a.keys() & b.keys(), key=int))
+
+
+def compare(
+    results: dict,
+    first: str,
+    second: str,
+    factor: int,
+    metric: str = "nonoverlapping",
+    *,
+    finetuned: bool = False,
+    paired: bool = False,
+) -> str:
+    """``"<"``, ``">"`` or ``"~"``: is ``first`` below ``second`` at ``s = factor``, beyond the seed spread?
+
+    Unpaired (default): ``"<"`` (``">"``) when every seed of ``first`` is below (above) every seed
+    of ``second``. ``paired=True``: when ``first - second`` is negative (positive) on every seed
+    (:func:`paired_difference`), the test for two rules applied to the same base models. ``"~"``:
+    the results support no ordering. Raises ``ValueError`` when a rule is not in the results or
+    has no value there.
+    """
+    if not isinstance(paired, bool):
+        raise TypeError(f"paired must be a bool, got {paired!r}")
+    if paired:
+        _, low, high, _ = paired_difference(results, first, second, factor, metric, finetuned=finetuned)
+        return "<" if high < 0 else ">" if low > 0 else "~"
+    return order_ranges(*_seed_ranges(results, (first, second), factor, metric, finetuned))
 
 
 def validate_results(results: dict) -> None:
@@ -871,6 +939,13 @@ def validate_results(results: dict) -> None:
                     need(all(math.isfinite(v) for v in losses), f"{name} s={s}: losses must be finite")
                     need((e["dynamic"] is not None) == (rule in DYNAMIC_RULES), f"{name} s={s}: dynamic record")
                     need("accuracy" in e["retrieval"], f"{name} s={s}: retrieval")
+
+
+def load_results(name: str = "context_extension_chapter.json") -> dict:
+    """A results file shipped in ``pebook/book/data`` (default: the chapter preset's), validated."""
+    results = read_data_file(name)
+    validate_results(results)
+    return results
 
 
 def main(argv=None) -> int:
