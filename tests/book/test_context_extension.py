@@ -214,6 +214,9 @@ def test_merge_results(micro):
     merged = ce.merge_results(one, two)
     assert set(merged["runs"]) == {"0", "1"} and list(merged["runs"]["1"]["extensions"]) == ["linear"]
     assert merged["wall_time_s"] == one["wall_time_s"] + two["wall_time_s"]
+    early, late = dict(one, started="2026-01-01T00:00:00+00:00"), dict(two, finished="2027-01-01T00:00:00+00:00")
+    span = ce.merge_results(late, early)
+    assert (span["started"], span["finished"]) == (early["started"], late["finished"])
     assert ce.summary(merged)["linear"][2][3] == 2 and ce.summary(merged)["ntk"][2][3] == 1
     again = ce.merge_results(merged, one)
     for key in ("base", "control", "extensions"):

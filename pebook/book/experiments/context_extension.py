@@ -761,6 +761,9 @@ def merge_results(base: dict, new: dict) -> dict:
         else:
             merged["runs"][seed] = record
     merged["wall_time_s"] = base["wall_time_s"] + new["wall_time_s"]
+    # the span of all the runs (ISO 8601 UTC strings order as times)
+    merged["started"] = min(base["started"], new["started"])
+    merged["finished"] = max(base["finished"], new["finished"])
     validate_results(merged)
     return merged
 
