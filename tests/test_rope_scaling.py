@@ -1588,3 +1588,56 @@ def test_longrope_accepts_tuples_and_tensors(device):
     assert torch.equal(as_list[0], as_other[0]) and as_list[1] == as_other[1]
     with pytest.raises(TypeError, match=r"long_factor must be a list of numbers or a 1-D real tensor"):
         longrope_frequencies(8, short_factor=[1, 2, 3, 4], long_factor=torch.ones(2, 2), **kw)
+
+
+# rule, its pebook call with default options only, the same config as transformers reads it
+DEFAULTS_VS_HF = [
+    ("linear", {}, {"rope_type": "linear", "factor": 4.0}),
+    ("dynamic", {"seq_len": 300}, {"rope_type": "dynamic", "factor": 4.0}),
+    ("yarn", {}, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    # transformers requires the two band factors; pebook's defaults are Llama 3.1's, 1 and 4
+    (
+        "llama3",
+        {},
+        {
+            "rope_type": "llama3",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+        },
+    ),
+    (
+        "longrope",
+        {"seq_len": 300, "short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)]},
+        {
+            "rope_type": "longrope",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "short_factor": [1.0] * 8,
+            "long_factor": [1.0 + i for i in range(8)],
+        },
+    ),
+]
+
+
+@pytest.mark.parametrize("rule,options,rope_scaling", DEFAULTS_VS_HF, ids=[c[0] for c in DEFAULTS_VS_HF])
+@pytest.mark.parametrize("base", [10000.0, 500000.0])
+def test_rules_with_default_options_are_what_transformers_computes(device, hf, rule, options, rope_scaling, base):
+    """``rope_scaling_frequencies(rule, ...)`` with no option but the required ones equals
+    ``ROPE_INIT_FUNCTIONS[rule]`` for the same config: the plain rule names are transformers' rules
+    (``original_max_positions`` is the config's original_max_position_embeddings, or for "linear"
+    and "dynamic", which have none, its max_position_embeddings = 64)."""
+    head_dim, L = 16, 64
+    config = hf_config(hf, rope_scaling, head_dim, base, L if rule in ("linear", "dynamic") else 256)
+    options = dict(options)
+    seq_len = options.pop("seq_len", None)
+    expected, expected_factor = hf_frequencies(hf, config, device, seq_len)
+    got, factor = rope_scaling_frequencies(
+        rule, head_dim, base, factor=4.0, original_max_positions=L, seq_len=seq_len, device=device, **options
+    )
+    torch.testing.assert_close(got, expected.to(device), **HF_RTOL)
+    assert factor == pytest.approx(expected_factor, rel=1e-15)
+    if rule == "yarn":  # and not the paper's ramp, which differs here (L = 64 < 2πβ: pair 0)
+        paper, _ = rope_scaling_frequencies("yarn_paper", head_dim, base, factor=4.0, original_max_positions=L)
+        assert paper[0].item() < 1.0 == got[0].item()
