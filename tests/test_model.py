@@ -348,7 +348,7 @@ def test_bad_construction_is_rejected(encoding_name, args, kwargs, error, patter
         TinyLM(*args, encoding_name, **model_options(encoding_name), **kwargs)
 
 
-@pytest.mark.parametrize("name", ["xpos", "Rope", None])
+@pytest.mark.parametrize("name", ["unknown_pe", "Rope", None])
 def test_unknown_encoding_is_rejected(name):
     with pytest.raises(ValueError, match=rf"encoding must be one of \('none', .*\), got {re.escape(repr(name))}"):
         TinyLM(VOCAB, DIM, LAYERS, HEADS, MAX_POS, name)

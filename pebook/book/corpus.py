@@ -14,9 +14,8 @@ described in ``pebook/book/data/README.md``. Nothing is downloaded.
   1 Chronicles 1) and repeated formulas, 36 distinct held-out verses, 45 of its 3,057 verse lines
   (1.5 %), also occur verbatim in training. ``tests/book/test_corpus.py`` counts them.
 * **Batches**: :func:`random_windows` draws training windows at random offsets from a
-  ``torch.Generator`` (deterministic given its seed); :func:`eval_windows` cuts the held-out
-  tokens into contiguous, non-overlapping windows, the non-overlapping evaluation of Press, Smith &
-  Lewis (2022, arXiv:2108.12409).
+  ``torch.Generator`` (deterministic given its seed). Held-out scoring is in
+  :mod:`pebook.book.evaluation`.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ __all__ = [
     "decode",
     "corpus_tokens",
     "random_windows",
-    "eval_windows",
 ]
 
 VOCAB_SIZE = 256
@@ -127,35 +125,3 @@ def random_windows(
     starts = torch.randint(0, tokens.numel() - length, (batch_size,), generator=generator)
     windows = torch.stack([tokens[s : s + length + 1] for s in starts.tolist()])
     return windows[:, :-1], windows[:, 1:]
-
-
-def eval_windows(
-    tokens: torch.Tensor, length: int, n_tokens: int, *, n_spans: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n_tokens`` held-out predictions cut into contiguous, non-overlapping windows of ``length``.
-
-    The tokens are read from ``n_spans`` spans of ``n_tokens // n_spans`` tokens each, spread
-    evenly over ``tokens`` (span ``k`` starts at ``k * ((len(tokens) - 1 - span) // (n_spans - 1))``;
-    one span starts at 0). Each span is cut into windows of ``length``. Returns
-    ``(inputs, targets)`` of shape ``(n_tokens // length, length)``; ``targets`` is ``inputs``
-    shifted by one token. The span size must be a multiple of ``length``: then every length that
-    divides it scores exactly the same target tokens, and losses at different lengths are comparable.
-    """
-    check_int_tensor("tokens", tokens, ndim=1)
-    length = check_int("length", length, minimum=1)
-    n_tokens = check_int("n_tokens", n_tokens, minimum=1)
-    n_spans = check_int("n_spans", n_spans, minimum=1)
-    if n_tokens % n_spans:
-        raise ValueError(f"n_tokens={n_tokens} must be a multiple of n_spans={n_spans}")
-    span = n_tokens // n_spans
-    if span % length:
-        raise ValueError(f"the span n_tokens/n_spans = {span} must be a multiple of length={length}")
-    if tokens.numel() < n_tokens + n_spans:
-        raise ValueError(f"tokens holds {tokens.numel()} tokens, too few for n_tokens={n_tokens} in {n_spans} spans")
-    stride = (tokens.numel() - 1 - span) // (n_spans - 1) if n_spans > 1 else 0
-    if n_spans > 1 and stride < span:
-        raise ValueError(f"tokens holds {tokens.numel()} tokens, too few for {n_spans} disjoint spans of {span}")
-    starts = [k * stride for k in range(n_spans)]
-    inputs = torch.cat([tokens[s : s + span] for s in starts]).view(-1, length)
-    targets = torch.cat([tokens[s + 1 : s + span + 1] for s in starts]).view(-1, length)
-    return inputs, targets

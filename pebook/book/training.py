@@ -8,18 +8,15 @@
   Everything the loop depends on (weights, optimizer moments, generator state, step, history)
   is in :class:`TrainState`, so a run saved mid-way and resumed ends in exactly the state of an
   uninterrupted run (bitwise on the same machine and thread count).
-* :func:`per_position_loss`, :func:`evaluate_length`, :func:`loss_by_bucket` — per-token loss on
-  contiguous, non-overlapping held-out windows, as in Press, Smith & Lewis (2022,
-  arXiv:2108.12409), overall and by position.
-  A model that cannot run at a length (a learned table past its size raises ``ValueError``) is
-  recorded as *refused*, with pebook's message, instead of crashing the evaluation.
+
+Evaluation (both protocols, every held-out token) is in :mod:`pebook.book.evaluation`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -27,7 +24,7 @@ import torch.nn.functional as F
 
 from .._checks import check_int, check_int_tensor, check_positive_float
 from ..model import TinyLM
-from .corpus import VOCAB_SIZE, eval_windows, random_windows
+from .corpus import VOCAB_SIZE, random_windows
 
 __all__ = [
     "TrainConfig",
@@ -35,9 +32,6 @@ __all__ = [
     "build_model",
     "learning_rate",
     "train",
-    "per_position_loss",
-    "evaluate_length",
-    "loss_by_bucket",
 ]
 
 
@@ -233,67 +227,3 @@ def _to_cpu(obj):
     if isinstance(obj, list):
         return [_to_cpu(v) for v in obj]
     return obj
-
-
-@torch.no_grad()
-def per_position_loss(
-    model: TinyLM, inputs: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 8, device=None
-) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) at each position of the windows: a float64 ``(length,)`` tensor.
-
-    ``inputs``/``targets`` are ``(windows, length)`` (from :func:`pebook.book.corpus.eval_windows`).
-    Raises what the model raises — e.g. ``ValueError`` from a learned table that is too short.
-    """
-    check_int_tensor("inputs", inputs, ndim=2)
-    check_int_tensor("targets", targets, ndim=2)
-    if inputs.shape != targets.shape:
-        raise ValueError(f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must have the same shape")
-    batch_size = check_int("batch_size", batch_size, minimum=1)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(inputs.shape[1], dtype=torch.float64)
-    try:
-        for start in range(0, inputs.shape[0], batch_size):
-            x = inputs[start : start + batch_size].to(device)
-            y = targets[start : start + batch_size].to(device)
-            logits = model(x)
-            losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (b, length)
-            total += losses.double().sum(0).cpu()
-    finally:
-        model.train(was_training)
-    return total / inputs.shape[0]
-
-
-def evaluate_length(
-    model: TinyLM,
-    tokens: torch.Tensor,
-    length: int,
-    n_tokens: int,
-    *,
-    n_spans: int = 1,
-    batch_size: int = 8,
-    device=None,
-) -> dict:
-    """Per-token loss of ``model`` on held-out ``tokens`` read in windows of ``length``.
-
-    Returns ``{"length", "loss", "ppl", "per_position"}`` (``per_position`` a list of floats),
-    or ``{"length", "refused": message}`` when the model raises ``ValueError`` at this length
-    (a learned position table shorter than ``length``).
-    """
-    inputs, targets = eval_windows(tokens, length, n_tokens, n_spans=n_spans)
-    try:
-        per_position = per_position_loss(model, inputs, targets, batch_size=batch_size, device=device)
-    except ValueError as err:
-        return {"length": length, "refused": str(err)}
-    loss = float(per_position.mean())
-    return {"length": length, "loss": loss, "ppl": math.exp(loss), "per_position": per_position.tolist()}
-
-
-def loss_by_bucket(per_position: Sequence[float] | torch.Tensor, bucket: int) -> list[float]:
-    """Mean of ``per_position`` over consecutive buckets of ``bucket`` positions (the last may be shorter)."""
-    bucket = check_int("bucket", bucket, minimum=1)
-    values = torch.as_tensor(per_position, dtype=torch.float64)
-    if values.dim() != 1 or values.numel() == 0:
-        raise ValueError(f"per_position must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
-    return [float(values[i : i + bucket].mean()) for i in range(0, values.numel(), bucket)]

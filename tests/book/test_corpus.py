@@ -82,31 +82,3 @@ def test_random_windows_shapes_shift_and_determinism():
         corpus.random_windows(tokens, 5, 32, 3)
     with pytest.raises(ValueError, match="fewer than length"):
         corpus.random_windows(tokens[:10], 1, 10, torch.Generator())
-
-
-def test_eval_windows_score_the_same_tokens_at_every_length():
-    tokens = corpus.corpus_tokens("heldout")
-    targets = {}
-    for length in (8, 16, 64):
-        x, y = corpus.eval_windows(tokens, length, 256, n_spans=4)
-        assert x.shape == y.shape == (256 // length, length)
-        targets[length] = y.flatten()
-    assert torch.equal(targets[8], targets[16]) and torch.equal(targets[8], targets[64])
-    x, y = corpus.eval_windows(tokens, 64, 256, n_spans=4)
-    assert torch.equal(x[0], tokens[:64]) and torch.equal(y[0], tokens[1:65])
-    stride = (tokens.numel() - 1 - 64) // 3
-    assert torch.equal(x[3], tokens[3 * stride : 3 * stride + 64])  # the spans spread over the text
-    with pytest.raises(ValueError, match="multiple of length"):
-        corpus.eval_windows(tokens, 48, 256, n_spans=4)
-    with pytest.raises(ValueError, match="multiple of n_spans"):
-        corpus.eval_windows(tokens, 8, 100, n_spans=3)
-    with pytest.raises(ValueError, match="too few"):
-        corpus.eval_windows(tokens[:90], 8, 96, n_spans=4)
-
-
-@given(st.sampled_from([1, 2, 4, 8, 16, 32]), st.integers(1, 4))
-def test_eval_windows_property(length, n_spans):
-    tokens = torch.arange(1000)
-    x, y = corpus.eval_windows(tokens, length, 32 * n_spans, n_spans=n_spans)
-    assert torch.equal(y, x + 1)  # contiguous windows: target = next token
-    assert x.numel() == 32 * n_spans

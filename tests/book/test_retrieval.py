@@ -126,7 +126,7 @@ def test_training_lowers_the_loss_and_is_deterministic():
 
 def test_train_retrieval_rejects_bad_arguments():
     with pytest.raises(ValueError, match="encoding must be one of"):
-        rt.train_retrieval("xpos", **_micro())
+        rt.train_retrieval("unknown_pe", **_micro())
     with pytest.raises(ValueError, match="train_len|length must be an int >= 3"):
         rt.train_retrieval("rope", **{**_micro(), "train_len": 2})
     with pytest.raises(ValueError, match="lr must be a finite number > 0"):
@@ -235,8 +235,8 @@ def test_preset_config_and_run_reject_bad_arguments():
         rt.preset_config("huge")
     with pytest.raises(ValueError, match="unknown hyper-parameter 'stepz'"):
         rt.preset_config("micro", stepz=3)
-    with pytest.raises(ValueError, match=r"encodings must be among \(.*\), got 'xpos'"):
-        rt.run("micro", encodings=["xpos"])
+    with pytest.raises(ValueError, match=r"encodings must be among \(.*\), got 'unknown_pe'"):
+        rt.run("micro", encodings=["unknown_pe"])
     with pytest.raises(ValueError, match="seeds must not repeat"):
         rt.run("micro", seeds=[0, 0])
     with pytest.raises(ValueError, match="seeds must be an int >= 0"):

@@ -2,9 +2,8 @@
 
 A RoPE :class:`pebook.TinyLM` trained at context length ``L`` (``train_len``) is run at
 ``s·L`` for every ``s`` in ``factors`` (2, 4, 8) after changing its frequencies with a rule of
-:mod:`pebook.rope_scaling`, with and without a short fine-tune at ``s·L``. This is the
-``context_extension`` stage of the older single-seed :mod:`pebook.book.experiments.extrapolation`
-redone with the evidence protocol of :mod:`pebook.book.experiments.length_extrapolation`:
+:mod:`pebook.rope_scaling`, with and without a short fine-tune at ``s·L``, with the evidence
+protocol of :mod:`pebook.book.experiments.length_extrapolation`:
 
 * **every rule at every s, with and without fine-tuning**: the fine-tune runs ``finetune_steps``
   at ``s·L`` with ``batch_size // s`` windows per step (the same bytes per step as training), a

@@ -1,6 +1,6 @@
 """Passkey retrieval: can a model trained at length ``L`` *use* a token more than ``L`` positions back?
 
-Perplexity at long lengths (:mod:`pebook.book.experiments.extrapolation`) says whether a model
+Perplexity at long lengths (:mod:`pebook.book.experiments.length_extrapolation`) says whether a model
 still predicts well, not whether it can reach far-away context: most next tokens are predictable
 from the last few. This experiment asks for exactly one far-away token. It is the *passkey
 retrieval* task of Mohtashami & Jaggi (2023), "Landmark Attention: Random-Access Infinite Context
