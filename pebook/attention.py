@@ -105,7 +105,7 @@ def positional_attention(
             left_padded=False,
             values=key_mask.device.type == "cpu",
         )
-    q, k = encoding.rotate(q, q_pos), encoding.rotate(k, k_pos)
+    q, k = encoding.rotate_queries(q, q_pos), encoding.rotate(k, k_pos)
     return encoding.attend(q, k, v, q_pos, k_pos, causal=causal, scale=scale, key_mask=key_mask)
 
 
@@ -279,7 +279,7 @@ class MultiHeadAttention(nn.Module):
             .transpose(1, 2)
             .split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
         )
-        q = self.position.rotate(q, q_pos)
+        q = self.position.rotate_queries(q, q_pos)
         if self.cache_rotated_keys:
             k = self.position.rotate(k, q_pos)
             if past is not None:

@@ -6,7 +6,8 @@ four places, and each encoding declares which one (:attr:`PositionalEncoding.pla
 * ``"input"`` — a vector added to the token embeddings before the projections (sinusoidal,
   Vaswani et al. 2017; learned, Gehring et al. 2017). Hook: :meth:`~PositionalEncoding.embed`.
 * ``"qk"`` — a transform of queries and keys, applied before keys are cached (RoPE, Su et al.
-  2021). Hook: :meth:`~PositionalEncoding.rotate`.
+  2021). Hook: :meth:`~PositionalEncoding.rotate`, and :meth:`~PositionalEncoding.rotate_queries`
+  where queries are transformed differently from keys (xPos, Sun et al. 2022).
 * ``"logits"`` — an additive bias that is a function of (head, query position, key position)
   (ALiBi, Press et al. 2022; T5, Raffel et al. 2020). Hook: :meth:`LogitBias.score`, written once
   in the pointwise shape of a FlexAttention ``score_mod``; :meth:`LogitBias.logit_bias`
@@ -114,8 +115,13 @@ class PositionalEncoding(nn.Module):
         return None
 
     def rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """``"qk"`` encodings: ``x`` ``(batch, heads, seq, head_dim)`` moved to ``position_ids``."""
+        """``"qk"`` encodings: keys ``x`` ``(batch, heads, seq, head_dim)`` moved to ``position_ids``
+        (a KV cache stores them so), and queries too unless :meth:`rotate_queries` says otherwise."""
         return x
+
+    def rotate_queries(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """``"qk"`` encodings: queries moved to ``position_ids``; :meth:`rotate` unless overridden."""
+        return self.rotate(x, position_ids)
 
     def logit_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
         """``"logits"`` encodings: the ``(batch or 1, heads, q_len, k_len)`` additive bias."""

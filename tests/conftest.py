@@ -291,7 +291,7 @@ def attention_ref(q, k, v, bias=None, causal: bool = True, offset: int | None = 
 # ``place`` (pebook/encoding.py) contributes, evaluated on a float64 copy of the module:
 #
 #   "input"      encoding.embed(position_ids)          added to the input of the layer / model
-#   "qk"         encoding.rotate(x, position_ids)      applied to queries and keys
+#   "qk"         encoding.rotate_queries(q, ids), encoding.rotate(k, ids)   applied to queries, keys
 #   "logits"     encoding.logit_bias(q_pos, k_pos)     added to the logits
 #   "key_value"  a^K_ij, a^V_ij = rows clip(j - i, ±k) + k of the module's two tables, added to
 #                the keys and the values (Shaw et al. 2018, eqs. 3-6, materialised here)
@@ -336,7 +336,7 @@ def positional_attention_ref(
     place = "none" if enc is None else enc.place
     bias = a_k = a_v = None
     if place == "qk":
-        q, k = enc.rotate(q, q_pos), enc.rotate(k, k_pos)
+        q, k = enc.rotate_queries(q, q_pos), enc.rotate(k, k_pos)
     elif place == "logits":
         bias = enc.logit_bias(q_pos, k_pos)
     elif place == "key_value":
