@@ -12,12 +12,14 @@ import inspect
 
 from .alibi import ALiBi
 from .encoding import PositionalEncoding
+from .kerple import Kerple
 from .learned import LearnedPE
 from .none import NoPE
 from .rope import RoPE
 from .shaw import ShawPE
 from .sinusoidal import SinusoidalPE
 from .t5 import T5PE
+from .xpos import XPos
 
 __all__ = ["ENCODINGS", "STRUCTURAL_ARGUMENTS", "check_encoding", "encoding_options", "build_encoding"]
 
@@ -29,6 +31,8 @@ ENCODINGS: dict[str, type[PositionalEncoding]] = {
     "t5": T5PE,
     "rope": RoPE,
     "alibi": ALiBi,
+    "kerple": Kerple,
+    "xpos": XPos,
 }
 
 #: the arguments a layer hands every encoding that asks for them (by naming them in ``__init__``)
