@@ -12,6 +12,7 @@ import inspect
 
 from .alibi import ALiBi
 from .encoding import PositionalEncoding
+from .fire import FIRE
 from .kerple import Kerple
 from .learned import LearnedPE
 from .none import NoPE
@@ -33,6 +34,7 @@ ENCODINGS: dict[str, type[PositionalEncoding]] = {
     "alibi": ALiBi,
     "kerple": Kerple,
     "xpos": XPos,
+    "fire": FIRE,
 }
 
 #: the arguments a layer hands every encoding that asks for them (by naming them in ``__init__``)
