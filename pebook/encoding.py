@@ -1,7 +1,7 @@
 """The protocol every positional encoding implements: where position enters attention.
 
 A Transformer layer computes ``softmax(q kᵀ · scale + bias) v``. Position can enter in exactly
-four places, and each encoding declares which one (:attr:`PositionalEncoding.place`):
+five places, and each encoding declares which one (:attr:`PositionalEncoding.place`):
 
 * ``"input"`` — a vector added to the token embeddings before the projections (sinusoidal,
   Vaswani et al. 2017; learned, Gehring et al. 2017). Hook: :meth:`~PositionalEncoding.embed`.
@@ -15,6 +15,10 @@ four places, and each encoding declares which one (:attr:`PositionalEncoding.pla
   ``torch.nn.attention.flex_attention.flex_attention``.
 * ``"key_value"`` — a key term on the logits plus a value term on the output (Shaw et al. 2018).
   Hook: :meth:`~PositionalEncoding.attend`.
+* ``"contextual"`` — a position that depends on the content: each query counts the keys it
+  gates in (``σ(q·k)``) between a key and itself, and a table interpolated at that fractional
+  count adds a key term (CoPE, Golovneva et al. 2024). Neither a transform of q or k alone nor a
+  function of the positions, so the hook is :meth:`~PositionalEncoding.attend`.
 
 Positions are data: ``q_pos`` and ``k_pos`` are int64 tensors of shape ``(batch, len)`` (the
 ``position_ids`` of ``transformers``). The causal mask is a separate matter: it follows the order
@@ -39,7 +43,7 @@ from .masking import padded_causal_mask, storage_causal_mask, window_causal_mask
 
 __all__ = ["PLACES", "PositionalEncoding", "LogitBias", "sdpa"]
 
-PLACES = ("none", "input", "qk", "logits", "key_value")
+PLACES = ("none", "input", "qk", "logits", "key_value", "contextual")
 
 
 def sdpa(q, k, v, *, causal: bool, scale, bias=None, key_mask=None, window: int | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 
 from .alibi import ALiBi
+from .cope import CoPE
 from .encoding import PositionalEncoding
 from .fire import FIRE
 from .kerple import Kerple
@@ -33,6 +34,7 @@ ENCODINGS: dict[str, type[PositionalEncoding]] = {
     "rope": RoPE,
     "alibi": ALiBi,
     "kerple": Kerple,
+    "cope": CoPE,
     "xpos": XPos,
     "fire": FIRE,
 }

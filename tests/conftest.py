@@ -295,6 +295,8 @@ def attention_ref(q, k, v, bias=None, causal: bool = True, offset: int | None = 
 #   "logits"     encoding.logit_bias(q_pos, k_pos)     added to the logits
 #   "key_value"  a^K_ij, a^V_ij = rows clip(j - i, ±k) + k of the module's two tables, added to
 #                the keys and the values (Shaw et al. 2018, eqs. 3-6, materialised here)
+#   "contextual" CoPE: gates σ(q_i·k_j/√d), positions p_ij = Σ_{t=j..i} g_it, the table
+#                interpolated at p_ij added to the keys (Golovneva et al. 2024, materialised here)
 #
 # and write out everything else themselves: the projections, the split into heads, grouped-query
 # heads, the scale, the storage-order causal mask, softmax, residuals, LayerNorm, MLP and
@@ -343,6 +345,21 @@ def positional_attention_ref(
         clip = enc.max_distance
         rows = (k_pos[:, None, :] - q_pos[:, :, None]).clamp(-clip, clip) + clip  # (b, lq, lk)
         a_k, a_v = enc.rel_k[rows], enc.rel_v[rows]  # (b, lq, lk, d)
+    elif place == "contextual":
+        # CoPE, Golovneva et al. 2024, eqs. (3)-(6), materialising e[p_ij] as (b, h, lq, lk, d):
+        # gates g_it = σ(scale · q_i·k_t) of the keys query i sees (others 0, not counted);
+        # p_ij = Σ_t g_it over t with k_pos_j <= k_pos_t <= q_pos_i (default ids: t = j … i),
+        # clamped at p_max; e[p] interpolated between e[⌊p⌋] and e[⌈p⌉]; logit scale · q_i·(k_j + e[p_ij]).
+        s = d**-0.5 if scale is None else scale
+        gates = torch.sigmoid(torch.einsum("bhid,bhjd->bhij", q, k) * s)  # eq. (3)
+        if causal:
+            gates = gates * causal_mask_ref(lq, lk, lk - lq).to(q.device)
+        key_j, key_t = k_pos[:, None, :, None], k_pos[:, None, None, :]
+        between = (key_j <= key_t) & (key_t <= q_pos[:, :, None, None])  # (b, i, j, t)
+        p = torch.einsum("bhit,bijt->bhij", gates, between.double()).clamp(max=enc.max_position)  # eq. (4)
+        table, below, above = enc.position_embeddings, p.floor(), p.ceil()
+        e_p = (p - below)[..., None] * table[above.long()] + (1 - p + below)[..., None] * table[below.long()]  # (5)
+        bias = torch.einsum("bhid,bhijd->bhij", q, e_p) * s  # scale · q_i·e[p_ij], added to scale · q_i·k_j (6)
     elif place not in ("none", "input"):  # "input" enters before the projections (mha_ref, tiny_lm_ref)
         raise ValueError(f"no reference for place {place!r}")
     scores = torch.einsum("bhid,bhjd->bhij", q, k)

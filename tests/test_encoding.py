@@ -108,7 +108,8 @@ def test_num_learned_parameters_counts_the_declared_shapes():
 
 def test_only_the_hook_of_its_place_acts(encoding_name, device, rand, ref):
     """embed / rotate / logit_bias of another place are None / identity / None, and attend is plain
-    softmax(q kᵀ/√d + logit_bias) v unless the encoding is a key-value one (Shaw)."""
+    softmax(q kᵀ/√d + logit_bias) v unless attend is the encoding's own hook (key_value: Shaw;
+    contextual: CoPE)."""
     enc = build(encoding_name).double().to(device)
     b, h, lq, lk, d = 2, 4, 3, 6, 4
     q, k, v = rand(b, h, lq, d, seed=1, device=device), *(rand(b, h, lk, d, seed=s, device=device) for s in (2, 3))
@@ -135,7 +136,7 @@ def test_only_the_hook_of_its_place_acts(encoding_name, device, rand, ref):
     out = enc.attend(q, k, v, q_pos, k_pos, causal=True, scale=None)  # storage order
     plain = ref.attention(q, k, v, bias=bias, causal=True)
     assert out.shape == (b, h, lq, d)
-    if enc.place == "key_value":
+    if enc.place in ("key_value", "contextual"):
         assert not torch.allclose(out, plain)
     else:
         torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
