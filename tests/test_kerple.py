@@ -178,7 +178,8 @@ def test_bias_depends_only_on_the_distance(device, variant, data, n_heads, lengt
     k_pos = torch.tensor([data.draw(positions)], device=device)
     bias = enc.logit_bias(q_pos, k_pos)
     assert torch.equal(enc.logit_bias(q_pos + shift, k_pos + shift), bias)
-    assert torch.equal(enc.logit_bias(k_pos, q_pos), bias.transpose(-1, -2))
+    # the same distances at transposed places: a vectorised pow may round its last bit differently
+    torch.testing.assert_close(enc.logit_bias(k_pos, q_pos), bias.transpose(-1, -2), rtol=1e-12, atol=0)
     assert (enc.logit_bias(q_pos, q_pos).diagonal(dim1=-2, dim2=-1) == 0).all()
 
 
