@@ -152,12 +152,33 @@ class FIRE(LogitBias):
         """``L = |multiplier · L₀|``, the query position below which the normaliser stays ``ψ(L)``."""
         return (self.threshold_multiplier * self.init_threshold).abs()
 
+    def _hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(x W₁ + b₁)``, the hidden layer of ``f_θ`` at every input ``x`` (a new last dim of width)."""
+        return torch.relu(x[..., None] * self.mlp_hidden.weight[:, 0].to(x.dtype) + self.mlp_hidden.bias.to(x.dtype))
+
     def mlp(self, x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         """``f_θ(x)`` for ``head``, pointwise: ``x`` and ``head`` broadcast (usable in a ``score_mod``)."""
         dtype = x.dtype
-        hidden = torch.relu(x[..., None] * self.mlp_hidden.weight[:, 0].to(dtype) + self.mlp_hidden.bias.to(dtype))
+        hidden = self._hidden(x)
         out_weight, out_bias = self.mlp_out.weight.to(dtype), self.mlp_out.bias.to(dtype)
         return (hidden * out_weight[head]).sum(-1) + out_bias[head]
+
+    def logit_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """:meth:`score` on the grid, ``(batch or 1, heads, q_len, k_len)``, computed the cheap way.
+
+        ``f_θ``'s hidden layer is shared by the heads, so it runs once per (query, key) pair
+        (``(q_len, k_len, width)`` activations) instead of once per head, and once for the whole
+        batch when every row has the same positions (the default); bit for bit
+        :meth:`LogitBias.logit_bias`, which evaluates :meth:`score` for every head and row.
+        """
+        if q_pos.shape[0] > 1 and bool((q_pos == q_pos[:1]).all()) and bool((k_pos == k_pos[:1]).all()):
+            q_pos, k_pos = q_pos[:1], k_pos[:1]
+        dtype = torch.promote_types(self.c.dtype, torch.float32)
+        x = _interpolate(q_pos[:, :, None], k_pos[:, None, :], self.c.to(dtype), self.threshold.to(dtype))
+        hidden = self._hidden(x)
+        out_weight, out_bias = self.mlp_out.weight.to(dtype), self.mlp_out.bias.to(dtype)
+        # head by head with score's own products and sum (a matmul would round differently by grid size)
+        return torch.stack([(hidden * out_weight[h]).sum(-1) + out_bias[h] for h in range(self.n_heads)], dim=1)
 
     def score(self, head, q_pos, k_pos):
         # at least float32 (parameters cast to half keep a float32 bias; SDPA casts it to the logits' dtype)

@@ -389,3 +389,21 @@ def test_functions_reject_mixed_devices(cuda_device):
         fire_log_transform(torch.arange(3), c.to(cuda_device))
     with pytest.raises(ValueError, match=r"k_pos is on cuda:0 but q_pos is on cpu"):
         fire_interpolation(torch.arange(3), torch.arange(3, device=cuda_device), c, c)
+
+
+def test_logit_bias_runs_the_hidden_layer_once_per_pair_and_equals_the_per_head_score(device):
+    """FIRE.logit_bias (one hidden-layer pass for all heads, one batch row when the rows agree)
+    equals the generic LogitBias.logit_bias, which evaluates score head by head and row by row,
+    bit for bit."""
+    from pebook.encoding import LogitBias
+
+    torch.manual_seed(0)
+    enc = FIRE(n_heads=4, fire_mlp_width=8, fire_init_threshold=4.0).double().to(device)
+    q = torch.tensor([[5, 2, 9, 0], [1, 1, 7, 3]], device=device)
+    k = torch.tensor([[0, 1, 2, 3, 4, 9], [3, 3, 0, 8, 1, 2]], device=device)
+    torch.testing.assert_close(enc.logit_bias(q, k), LogitBias.logit_bias(enc, q, k), rtol=0, atol=0)
+    same = torch.arange(6, device=device).expand(3, 6)
+    fast = enc.logit_bias(same, same)
+    assert fast.shape == (1, 4, 6, 6)  # one row for the whole batch
+    slow = LogitBias.logit_bias(enc, same, same)
+    torch.testing.assert_close(fast.expand(3, -1, -1, -1), slow, rtol=0, atol=0)
