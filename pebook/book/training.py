@@ -32,6 +32,7 @@ __all__ = [
     "build_model",
     "learning_rate",
     "train",
+    "train_query_task",
 ]
 
 
@@ -227,3 +228,58 @@ def _to_cpu(obj):
     if isinstance(obj, list):
         return [_to_cpu(v) for v in obj]
     return obj
+
+
+def train_query_task(
+    model: TinyLM,
+    config: TrainConfig,
+    make_batch: Callable[[int, int, torch.Generator], tuple],
+    *,
+    device=None,
+    progress: bool = False,
+    desc: str = "",
+) -> list[tuple[int, float]]:
+    """Train ``model`` in place on a synthetic task scored at the last position only; the loss history.
+
+    Each step draws ``make_batch(config.batch_size, config.seq_len, generator)`` (its first two
+    items: ``inputs`` and ``targets`` of shape ``(batch,)``) from a generator seeded with
+    ``config.seed`` and minimises the cross-entropy of ``model(inputs)[:, -1]`` against
+    ``targets``, with AdamW, gradient clipping and the schedule of :func:`learning_rate`. Used by
+    the passkey and counting experiments; the same arguments give the same weights (bitwise on one
+    machine and thread count). Returns ``[(step, mean loss over the last log_every steps)]`` and
+    leaves the model in eval mode.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    optimizer = _make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, desc=desc, leave=False)
+    history, pending = [], []
+    model.train()
+    try:
+        for step in range(config.steps):
+            inputs, targets = make_batch(config.batch_size, config.seq_len, generator)[:2]
+            inputs, targets = inputs.to(device), targets.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, config)
+            loss = F.cross_entropy(model(inputs)[:, -1], targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            pending.append(loss.item())
+            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+                history.append((step + 1, sum(pending) / len(pending)))
+                pending = []
+                if bar is not None:
+                    bar.set_postfix(loss=f"{history[-1][1]:.3f}")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+    return history

@@ -13,6 +13,7 @@ from pebook.book.training import (
     build_model,
     learning_rate,
     train,
+    train_query_task,
 )
 
 
@@ -60,3 +61,23 @@ def test_interrupted_training_resumes_to_the_same_state():
     resumed = train(make(), tokens, cfg, state=part)
     assert resumed.step == 8 and resumed.history == whole.history
     assert all(torch.equal(resumed.model[k], whole.model[k]) for k in whole.model)
+
+
+def test_train_query_task_learns_a_last_token_task_deterministically():
+    """The shared loop of the passkey and counting experiments: loss at the last position only,
+    the same weights and history for the same seed, the model left in eval mode."""
+
+    def copy_first(batch, length, generator):  # the answer is the first token of the window
+        inputs = torch.randint(0, 8, (batch, length), generator=generator)
+        return inputs, inputs[:, 0]
+
+    cfg = TrainConfig(steps=60, batch_size=16, seq_len=6, lr=3e-2, warmup_steps=5, log_every=20, seed=4)
+    runs = []
+    for _ in range(2):
+        model = build_model("rope", dim=16, n_layers=1, n_heads=2, max_positions=6, seed=4)
+        runs.append((model, train_query_task(model, cfg, copy_first)))
+    (first, history), (second, again) = runs
+    assert [s for s, _ in history] == [20, 40, 60] and history == again
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
+    assert not first.training
+    assert history[-1][1] < 0.5 * history[0][1]  # it learns to copy the first token

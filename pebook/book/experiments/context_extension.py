@@ -83,7 +83,7 @@ from ...rope_scaling import ROPE_SCALING_RULES, per_length_frequencies, rope_sca
 from ...utils import default_device
 from .. import corpus
 from ..evaluation import score_tokens
-from ..training import TrainConfig, _make_optimizer, build_model, learning_rate, train
+from ..training import TrainConfig, build_model, train, train_query_task
 from . import length_extrapolation as le
 from . import retrieval as rt
 from ._records import (
@@ -476,25 +476,7 @@ def _retrieval_eval(model, rconfig: dict, length: int, device) -> dict:
 def _finetune_retrieval(model, rconfig: dict, config: dict, seed: int, factor: int, device) -> list:
     """Fine-tune a retrieval model on the passkey task at ``L_r × factor`` (in place); the history."""
     tc = finetune_config(config, seed, factor, batch_size=rconfig["batch_size"], train_len=rconfig["train_len"])
-    optimizer = _make_optimizer(model, tc)
-    generator = torch.Generator().manual_seed(tc.seed)
-    history, pending = [], []
-    model.train()
-    for step in range(tc.steps):
-        inputs, targets, _ = rt.make_batch(tc.batch_size, tc.seq_len, generator)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, tc)
-        loss = F.cross_entropy(model(inputs.to(device))[:, -1], targets.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        pending.append(loss.item())
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-            history.append([step + 1, sum(pending) / len(pending)])
-            pending = []
-    model.eval()
-    return history
+    return [list(h) for h in train_query_task(model, tc, rt.make_batch, device=device)]
 
 
 # ------------------------------------------------------------------------------------ one seed

@@ -61,7 +61,7 @@ from ..._checks import check_int, check_positive_float
 from ...registry import ENCODINGS, check_encoding
 from ...utils import default_device
 from ..corpus import VOCAB_SIZE
-from ..training import TrainConfig, _make_optimizer, build_model, learning_rate
+from ..training import TrainConfig, build_model, train_query_task
 from ._records import device_info, parse_ints, read_data_file, versions, write_json
 
 __all__ = [
@@ -295,38 +295,14 @@ def train_retrieval(
     model = build_model(
         encoding, dim=dim, n_layers=n_layers, n_heads=n_heads, max_positions=train_len, seed=config.seed
     ).to(device)
-    optimizer = _make_optimizer(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, desc=f"{encoding:>10} seed {config.seed}", leave=False)
-    history, pending = [], []
-    model.train()
-    try:
-        for step in range(config.steps):
-            inputs, targets, _ = make_batch(config.batch_size, train_len, generator)
-            inputs, targets = inputs.to(device), targets.to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, config)
-            loss = F.cross_entropy(model(inputs)[:, -1], targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            pending.append(loss.item())
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                history.append((step + 1, sum(pending) / len(pending)))
-                pending = []
-                if bar is not None:
-                    bar.set_postfix(loss=f"{history[-1][1]:.3f}")
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-    model.eval()
+    history = train_query_task(
+        model,
+        config,
+        make_batch,
+        device=device,
+        progress=progress,
+        desc=f"{encoding:>10} seed {config.seed}",
+    )
     return (model, history) if return_history else model
 
 
