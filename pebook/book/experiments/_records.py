@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -20,6 +21,9 @@ __all__ = [
     "seed_range",
     "order_ranges",
     "read_data_file",
+    "load_data_file",
+    "experiment_parser",
+    "parse_experiment_args",
 ]
 
 
@@ -107,3 +111,46 @@ def read_data_file(name: str) -> dict:
     from importlib import resources
 
     return json.loads(resources.files("pebook.book").joinpath("data", name).read_text())
+
+
+def load_data_file(name: str, validate) -> dict:
+    """The results file ``name`` shipped in ``pebook/book/data``, checked with ``validate`` (which raises)."""
+    results = read_data_file(name)
+    validate(results)
+    return results
+
+
+def experiment_parser(
+    module: str,
+    doc: str,
+    presets,
+    *,
+    default_preset: str,
+    subset: tuple[str, str] | None,
+    out_help: str,
+    merge_help: str | None = None,
+) -> argparse.ArgumentParser:
+    """The command line every experiment shares: ``--preset``, the subset option ``subset`` (``(flag,
+    help)``, e.g. ``("--encodings", ...)``), ``--seeds``, ``--device``, ``--out``, ``--merge-into``
+    (when ``merge_help``), ``--threads`` and ``--no-progress``; modules add their own options."""
+    prog, description = f"python -m pebook.book.experiments.{module}", doc.split("\n\n")[0]
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--preset", choices=tuple(presets), default=default_preset)
+    if subset is not None:
+        parser.add_argument(subset[0], default=None, help=subset[1])
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    parser.add_argument("--out", default=None, help=out_help)
+    if merge_help is not None:
+        parser.add_argument("--merge-into", default=None, help=merge_help)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def parse_experiment_args(parser: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with ``--threads`` applied to torch."""
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

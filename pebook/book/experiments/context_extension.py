@@ -64,7 +64,6 @@ same command continues an interrupted run.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -88,10 +87,12 @@ from . import length_extrapolation as le
 from . import retrieval as rt
 from ._records import (
     device_info,
+    experiment_parser,
     jsonable,
+    load_data_file,
     order_ranges,
+    parse_experiment_args,
     parse_ints,
-    read_data_file,
     seed_range,
     versions,
     write_json,
@@ -927,29 +928,23 @@ def validate_results(results: dict) -> None:
 
 def load_results(name: str = "context_extension_chapter.json") -> dict:
     """A results file shipped in ``pebook/book/data`` (default: the chapter preset's), validated."""
-    results = read_data_file(name)
-    validate_results(results)
-    return results
+    return load_data_file(name, validate_results)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pebook.book.experiments.context_extension", description=__doc__.split("\n\n")[0]
+    parser = experiment_parser(
+        "context_extension",
+        __doc__,
+        PRESETS,
+        default_preset="chapter",
+        subset=("--rules", "';'-separated rule specs (',' when none has options)"),
+        out_help="results JSON (default: <run-dir>/results.json)",
+        merge_help="merge the results into this file (rewritten)",
     )
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="chapter")
-    parser.add_argument("--rules", default=None, help="';'-separated rule specs (',' when none has options)")
-    parser.add_argument("--seeds", default=None, help="comma-separated (default: the preset's)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     parser.add_argument(
         "--run-dir", default=None, help="keeps finished records (default: ./context_extension_<preset>)"
     )
-    parser.add_argument("--out", default=None, help="results JSON (default: <run-dir>/results.json)")
-    parser.add_argument("--merge-into", default=None, help="merge the results into this file (rewritten)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_experiment_args(parser, argv)
     rules = None
     if args.rules:
         sep = ";" if ";" in args.rules or "=" in args.rules else ","

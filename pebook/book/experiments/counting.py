@@ -33,7 +33,6 @@ Command line (progress bars with tqdm; CUDA when present unless ``--device``)::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import zlib
@@ -51,10 +50,12 @@ from ..corpus import VOCAB_SIZE
 from ..training import TrainConfig, build_model, train_query_task
 from ._records import (
     device_info,
+    experiment_parser,
     jsonable,
+    load_data_file,
     order_ranges,
+    parse_experiment_args,
     parse_ints,
-    read_data_file,
     seed_range,
     versions,
     write_json,
@@ -528,25 +529,20 @@ def validate_results(results: dict) -> None:
 
 def load_results(name: str = "counting_chapter.json") -> dict:
     """A results file shipped in ``pebook/book/data``, validated."""
-    results = read_data_file(name)
-    validate_results(results)
-    return results
+    return load_data_file(name, validate_results)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pebook.book.experiments.counting", description=__doc__.split("\n\n")[0]
+    parser = experiment_parser(
+        "counting",
+        __doc__,
+        PRESETS,
+        default_preset="chapter",
+        subset=("--encodings", "comma-separated subset, e.g. cope,rope"),
+        out_help="results JSON (default: counting_<preset>.json)",
+        merge_help=None,
     )
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="chapter")
-    parser.add_argument("--encodings", default=None, help="comma-separated subset, e.g. cope,rope")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
-    parser.add_argument("--out", default=None, help="results JSON (default: counting_<preset>.json)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_experiment_args(parser, argv)
     encodings = tuple(e.strip() for e in args.encodings.split(",") if e.strip()) if args.encodings else None
     try:
         seeds = parse_ints(args.seeds) if args.seeds else None

@@ -38,7 +38,6 @@ an interrupted run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -54,7 +53,18 @@ from ...utils import default_device
 from .. import corpus
 from ..evaluation import TokenScores, paired_by_context, score_tokens, window_context
 from ..training import TrainConfig, build_model, train
-from ._records import device_info, jsonable, order_ranges, parse_ints, read_data_file, seed_range, versions, write_json
+from ._records import (
+    device_info,
+    experiment_parser,
+    jsonable,
+    load_data_file,
+    order_ranges,
+    parse_experiment_args,
+    parse_ints,
+    seed_range,
+    versions,
+    write_json,
+)
 
 __all__ = [
     "SCHEMA",
@@ -561,29 +571,23 @@ def validate_results(results: dict) -> None:
 
 def load_results(name: str = "length_extrapolation_full.json") -> dict:
     """A results file shipped in ``pebook/book/data``, validated."""
-    results = read_data_file(name)
-    validate_results(results)
-    return results
+    return load_data_file(name, validate_results)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pebook.book.experiments.length_extrapolation", description=__doc__.split("\n\n")[0]
+    parser = experiment_parser(
+        "length_extrapolation",
+        __doc__,
+        PRESETS,
+        default_preset="full",
+        subset=("--encodings", "comma-separated (default: the preset's)"),
+        out_help="results JSON (default: <run-dir>/results.json)",
+        merge_help="merge the runs into this results file (rewritten)",
     )
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="full")
-    parser.add_argument("--encodings", default=None, help="comma-separated (default: the preset's)")
-    parser.add_argument("--seeds", default=None, help="comma-separated (default: the preset's)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     parser.add_argument(
         "--run-dir", default=None, help="keeps finished runs (default: ./length_extrapolation_<preset>)"
     )
-    parser.add_argument("--out", default=None, help="results JSON (default: <run-dir>/results.json)")
-    parser.add_argument("--merge-into", default=None, help="merge the runs into this results file (rewritten)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_experiment_args(parser, argv)
     run_dir = args.run_dir or f"length_extrapolation_{args.preset}"
     encodings = tuple(args.encodings.split(",")) if args.encodings else None
     seeds = parse_ints(args.seeds) if args.seeds else None

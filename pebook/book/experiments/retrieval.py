@@ -44,7 +44,6 @@ several machines.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -62,7 +61,15 @@ from ...registry import ENCODINGS, check_encoding
 from ...utils import default_device
 from ..corpus import VOCAB_SIZE
 from ..training import TrainConfig, build_model, train_query_task
-from ._records import device_info, parse_ints, read_data_file, versions, write_json
+from ._records import (
+    device_info,
+    experiment_parser,
+    load_data_file,
+    parse_experiment_args,
+    parse_ints,
+    versions,
+    write_json,
+)
 
 __all__ = [
     "SCHEMA",
@@ -617,26 +624,20 @@ def validate_results(results: dict) -> None:
 
 def load_results(name: str = "retrieval_chapter.json") -> dict:
     """A results file shipped in ``pebook/book/data``, validated."""
-    results = read_data_file(name)
-    validate_results(results)
-    return results
+    return load_data_file(name, validate_results)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pebook.book.experiments.retrieval", description=__doc__.split("\n\n")[0]
+    parser = experiment_parser(
+        "retrieval",
+        __doc__,
+        PRESETS,
+        default_preset="full",
+        subset=("--encodings", "comma-separated subset, e.g. rope,alibi"),
+        out_help="results JSON (default: retrieval_<preset>.json)",
+        merge_help="add this run to an existing results JSON (rewritten)",
     )
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="full")
-    parser.add_argument("--encodings", default=None, help="comma-separated subset, e.g. rope,alibi")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
-    parser.add_argument("--out", default=None, help="results JSON (default: retrieval_<preset>.json)")
-    parser.add_argument("--merge-into", default=None, help="add this run to an existing results JSON (rewritten)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_experiment_args(parser, argv)
     encodings = tuple(e.strip() for e in args.encodings.split(",") if e.strip()) if args.encodings else None
     try:
         seeds = parse_ints(args.seeds) if args.seeds else None
