@@ -25,6 +25,10 @@ bfloat16 rounds positions between 4096 and 8192 to multiples of 32, an angle err
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
+from typing import NamedTuple
+
 import torch
 
 from ._checks import (
@@ -43,6 +47,12 @@ __all__ = [
     "rope_angles",
     "apply_rope",
     "apply_rope_complex",
+    "apply_rope_compiled",
+    "rope_cos_sin",
+    "rope_freqs_cis",
+    "rope_table_cache_info",
+    "clear_rope_table_cache",
+    "RopeTableCacheInfo",
     "rope_layout_permutation",
     "rope_decay_bound",
     "ROPE_LAYOUTS",
@@ -110,11 +120,221 @@ def _angles(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype)
     return angles[:, None] if positions.dim() == 2 else angles
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, layout: str, rotary_dim: int):
-    """:func:`apply_rope` without argument checks (library-internal callers have validated)."""
-    dtype = torch.float64 if torch.float64 in (x.dtype, inv_freq.dtype) else torch.float32
-    angles = _angles(positions, inv_freq, dtype)
-    cos, sin = angles.cos(), angles.sin()
+# ------------------------------------------------------------------ table cache
+#
+# The tables (cos, sin; cat(cos, cos); freqs_cis) depend only on (inv_freq, positions, device,
+# dtype). A model's layers rotate q and k at the same positions with equal frequencies, so each
+# table is computed once and reused by every layer and call (a small process-level LRU).
+# Keys never go stale: on the CPU they hold the values of positions and inv_freq (a few KiB,
+# compared in microseconds); elsewhere, where reading values would wait for the device, they hold
+# the tensors' identity and ``_version`` (bumped by every in-place change), validated through weak
+# references. A RoPE module keys its own long-lived ``inv_freq`` buffer by value on any device
+# (read once per buffer and version), so the modules of a model's layers share their tables.
+# Tables are built exactly as the uncached code built them, so results are bit for bit the same.
+
+_CACHE_MAX_ENTRIES = 8
+_CACHE_MAX_BYTES = 256 * 2**20
+_FREQ_MEMO_SIZE = 64
+
+
+class RopeTableCacheInfo(NamedTuple):
+    """Counters of :func:`rope_table_cache_info`: ``builds`` counts tables computed (misses)."""
+
+    hits: int
+    builds: int
+    entries: int
+    bytes: int
+    max_entries: int
+    max_bytes: int
+
+
+class _Entry(NamedTuple):
+    tables: tuple
+    guards: tuple  # (weakref, _version) of identity-keyed inputs and of the tables themselves
+    nbytes: int
+
+    def valid(self) -> bool:
+        return all(ref() is not None and ref()._version == version for ref, version in self.guards)
+
+
+class _TableCache:
+    def __init__(self):
+        self.entries: OrderedDict = OrderedDict()
+        self.hits = self.builds = self.nbytes = 0
+
+    def lookup(self, key, input_guards, build):
+        entry = self.entries.get(key)
+        if entry is not None:
+            if entry.valid():
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return entry.tables
+            self._drop(key)
+        self.builds += 1
+        tables = build()
+        nbytes = sum(t.numel() * t.element_size() for t in tables)
+        if nbytes <= _CACHE_MAX_BYTES:
+            # inference tensors (made under torch.inference_mode) have no version counter
+            guards = input_guards + tuple((weakref.ref(t), t._version) for t in tables if not t.is_inference())
+            self.entries[key] = _Entry(tables, guards, nbytes)
+            self.nbytes += nbytes
+            while len(self.entries) > _CACHE_MAX_ENTRIES or self.nbytes > _CACHE_MAX_BYTES:
+                self._drop(next(iter(self.entries)))
+        return tables
+
+    def _drop(self, key):
+        self.nbytes -= self.entries.pop(key).nbytes
+
+    def clear(self):
+        self.entries.clear()
+        self.hits = self.builds = self.nbytes = 0
+
+
+_CACHE = _TableCache()
+_FREQ_MEMO: OrderedDict = OrderedDict()  # id(inv_freq) -> (weakref, _version, value key)
+
+
+def rope_table_cache_info() -> RopeTableCacheInfo:
+    """Hits, builds, entries and bytes of the process-level RoPE table cache."""
+    return RopeTableCacheInfo(
+        _CACHE.hits, _CACHE.builds, len(_CACHE.entries), _CACHE.nbytes, _CACHE_MAX_ENTRIES, _CACHE_MAX_BYTES
+    )
+
+
+def clear_rope_table_cache() -> None:
+    """Empty the RoPE table cache and reset its counters."""
+    _CACHE.clear()
+    _FREQ_MEMO.clear()
+
+
+def _value_key(t: torch.Tensor) -> tuple:
+    """The values of ``t`` as a hashable key (reads the device; cheap for positions and frequencies)."""
+    t = t.detach()
+    if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0:  # (batch, seq) ids expanded from one row
+        return (t.dtype, tuple(t.shape), "rows", _value_key(t[0])[2])
+    flat = t.reshape(-1).contiguous().cpu()
+    return (t.dtype, tuple(t.shape), flat.view(torch.uint8).numpy().tobytes())
+
+
+def _frequency_value_key(inv_freq: torch.Tensor) -> tuple:
+    """:func:`_value_key` of a long-lived ``inv_freq`` buffer, read once per tensor and ``_version``."""
+    if inv_freq.is_inference():
+        return _value_key(inv_freq)
+    memo = _FREQ_MEMO.get(id(inv_freq))
+    if memo is not None and memo[0]() is inv_freq and memo[1] == inv_freq._version:
+        return memo[2]
+    key = _value_key(inv_freq)
+    _FREQ_MEMO[id(inv_freq)] = (weakref.ref(inv_freq), inv_freq._version, key)
+    _FREQ_MEMO.move_to_end(id(inv_freq))
+    while len(_FREQ_MEMO) > _FREQ_MEMO_SIZE:
+        _FREQ_MEMO.popitem(last=False)
+    return key
+
+
+def _input_key(t: torch.Tensor, guards: list, by_value: bool) -> tuple | None:
+    """A key for ``t``: its values on the CPU, its identity elsewhere (``None``: not cacheable)."""
+    if by_value:
+        return _value_key(t)
+    if t.is_inference():  # no version counter: an in-place change could not be seen
+        return None
+    guards.append((weakref.ref(t), t._version))
+    return (t.dtype, tuple(t.shape), "id", id(t))
+
+
+def _tables(kind: str, positions, inv_freq, dtype, build, module_frequencies: bool = False) -> tuple:
+    """Cached ``build()`` for (``kind``, positions, inv_freq, device, dtype); computed directly when
+    tracing (``torch.compile``) or when positions or frequencies need gradients."""
+    if torch.compiler.is_compiling() or positions.requires_grad or inv_freq.requires_grad:
+        return build()
+    guards: list = []
+    freq_key = _frequency_value_key(inv_freq) if module_frequencies else _input_key(inv_freq, guards, False)
+    positions_key = _input_key(positions, guards, False)
+    if freq_key is None or positions_key is None:
+        return build()
+    # tables made under inference_mode cannot be saved for backward: a separate entry
+    key = (kind, positions.device, dtype, torch.is_inference_mode_enabled(), freq_key, positions_key)
+    return _CACHE.lookup(key, tuple(guards), build)
+
+
+def _table_dtype(x_dtype: torch.dtype, inv_freq: torch.Tensor) -> torch.dtype:
+    """Angles in float64 if ``x`` or ``inv_freq`` is float64, else float32 (never bf16/fp16)."""
+    return torch.float64 if torch.float64 in (x_dtype, inv_freq.dtype) else torch.float32
+
+
+def _cos_sin(positions, inv_freq, dtype, module_frequencies=False) -> tuple[torch.Tensor, torch.Tensor]:
+    def build():
+        angles = _angles(positions, inv_freq, dtype)
+        return angles.cos(), angles.sin()
+
+    return _tables("cos_sin", positions, inv_freq, dtype, build, module_frequencies)
+
+
+def _half_tables(positions, inv_freq, dtype, module_frequencies=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cat(cos, cos), sin)``: what the half layout reads (``transformers``' ``cos``), one lookup."""
+
+    def build():
+        cos, sin = _cos_sin(positions, inv_freq, dtype, module_frequencies)
+        return torch.cat((cos, cos), dim=-1), sin
+
+    return _tables("half", positions, inv_freq, dtype, build, module_frequencies)
+
+
+def _freqs_cis(positions, inv_freq, dtype, module_frequencies=False) -> torch.Tensor:
+    def build():
+        ones = torch.ones((), dtype=dtype, device=positions.device)
+        return (torch.polar(ones, _angles(positions, inv_freq, dtype)),)
+
+    return _tables("freqs_cis", positions, inv_freq, dtype, build, module_frequencies)[0]
+
+
+def _check_table_args(positions, inv_freq, dtype) -> None:
+    check_float_tensor("inv_freq", inv_freq, ndim=1)
+    check_float_dtype("inv_freq.dtype", inv_freq.dtype, allowed=(torch.float32, torch.float64))
+    check_float_dtype("dtype", dtype, allowed=(torch.float32, torch.float64))
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"positions must be a torch.Tensor of positions, got {type(positions).__name__}")
+    if positions.dtype == torch.bool or positions.dtype.is_complex:
+        raise TypeError(f"positions must be an integer or floating tensor, got dtype {positions.dtype}")
+    if positions.dim() not in (1, 2):
+        raise ValueError(f"positions must be (seq,) or (batch, seq), got shape {tuple(positions.shape)}")
+    check_same_placement(positions=positions, inv_freq=inv_freq)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cos(m·θ_i)`` and ``sin(m·θ_i)`` (RoFormer eq. 34), cached per positions, frequencies, device, dtype.
+
+    Shapes ``(seq, d/2)`` for ``(seq,)`` positions, ``(batch, 1, seq, d/2)`` for ``(batch, seq)``
+    ones. ``dtype`` is float32 or float64. The tensors are shared with later callers: do not
+    change them in place (if you do, the cache notices and rebuilds them).
+    """
+    _check_table_args(positions, inv_freq, dtype)
+    return _cos_sin(positions, inv_freq, dtype)
+
+
+def rope_freqs_cis(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``e^{i m θ_i}`` (RoFormer eq. 12; Meta's ``freqs_cis``), complex, cached as :func:`rope_cos_sin`."""
+    _check_table_args(positions, inv_freq, dtype)
+    return _freqs_cis(positions, inv_freq, dtype)
+
+
+# ------------------------------------------------------------------ rotations
+
+
+def _rotate(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    layout: str,
+    rotary_dim: int,
+    module_frequencies: bool = False,
+):
+    """:func:`apply_rope` without argument checks, as first written (pebook.xpos and pebook.rope_nd
+    call it; xPos runs in committed experiments): the tables come from the cache, the arithmetic
+    is unchanged, so the result is bit for bit the uncached one in both layouts."""
+    dtype = _table_dtype(x.dtype, inv_freq)
+    cos, sin = _cos_sin(positions, inv_freq, dtype, module_frequencies)
     rot, rest = (x, None) if rotary_dim == x.shape[-1] else (x[..., :rotary_dim], x[..., rotary_dim:])
     xf = rot.to(dtype)
     if layout == "half":
@@ -129,6 +349,62 @@ def _rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, la
         rotated = torch.stack((first, second), dim=-1).flatten(-2)
     rotated = rotated.to(x.dtype)
     return rotated if rest is None else torch.cat((rotated, rest), dim=-1)
+
+
+def _rotate_half_inplace(x, positions, inv_freq, rotary_dim, module_frequencies):
+    """Half layout without autograd: ``out = x·cat(cos, cos)`` (one contiguous product), then
+    ``out1 -= x2·sin`` and ``out2 += x1·sin`` in place with the same ``addcmul`` as :func:`_rotate`,
+    into a contiguous output like the one ``cat`` gave: the same operations on the same values,
+    bit for bit :func:`_rotate`, in three passes instead of eight and no ``cat`` copies."""
+    dtype = _table_dtype(x.dtype, inv_freq)
+    cos_full, sin = _half_tables(positions, inv_freq, dtype, module_frequencies)
+    if rotary_dim == x.shape[-1] and x.dtype == dtype:  # the common case, in as few calls as possible
+        out = torch.mul(x, cos_full, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))  # contiguous
+        out1, out2 = out.chunk(2, dim=-1)
+        x1, x2 = x.chunk(2, dim=-1)
+        out1.addcmul_(x2, sin, value=-1)
+        out2.addcmul_(x1, sin)
+        return out
+    half = rotary_dim // 2
+    partial = rotary_dim != x.shape[-1]
+    rot = x[..., :rotary_dim] if partial else x
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    work = out[..., :rotary_dim] if x.dtype == dtype else torch.empty(rot.shape, dtype=dtype, device=x.device)
+    xf = rot.to(dtype)
+    torch.mul(xf, cos_full, out=work)
+    work[..., :half].addcmul_(xf[..., half:], sin, value=-1)
+    work[..., half:].addcmul_(xf[..., :half], sin)
+    if x.dtype != dtype:
+        out[..., :rotary_dim].copy_(work)
+    if partial:
+        out[..., rotary_dim:].copy_(x[..., rotary_dim:])
+    return out
+
+
+def _rotate_interleaved_complex(x, positions, inv_freq, rotary_dim, module_frequencies):
+    """Interleaved layout as Meta's ``apply_rotary_emb``: pairs viewed as complex numbers times the
+    cached ``freqs_cis`` (one pass). Equal to :func:`_rotate`'s real arithmetic to about 1 ulp."""
+    dtype = _table_dtype(x.dtype, inv_freq)
+    freqs_cis = _freqs_cis(positions, inv_freq, dtype, module_frequencies)
+    rot = x[..., :rotary_dim] if rotary_dim != x.shape[-1] else x
+    xf = rot.to(dtype)
+    try:
+        pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
+    except RuntimeError:  # strides or offset not even: view_as_complex needs a copy
+        pairs = torch.view_as_complex(xf.contiguous().unflatten(-1, (-1, 2)))
+    rotated = torch.view_as_real(pairs * freqs_cis).flatten(-2).to(x.dtype)
+    return rotated if rot is x else torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
+
+
+def _rotate_fast(x, positions, inv_freq, layout: str, rotary_dim: int, module_frequencies: bool = False):
+    """What :func:`apply_rope` and :class:`RoPE` run. Half layout: bit for bit :func:`_rotate`
+    (without autograd in :func:`_rotate_half_inplace`, with it in :func:`_rotate` itself, whose
+    backward is then unchanged too). Interleaved layout: the complex product, about 1 ulp away."""
+    if layout == "interleaved":
+        return _rotate_interleaved_complex(x, positions, inv_freq, rotary_dim, module_frequencies)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _rotate(x, positions, inv_freq, layout, rotary_dim, module_frequencies)
+    return _rotate_half_inplace(x, positions, inv_freq, rotary_dim, module_frequencies)
 
 
 def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -147,8 +423,8 @@ def apply_rope_complex(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch
     _check_rope_inputs(x, positions, inv_freq)
     if x.shape[-1] != 2 * inv_freq.numel():
         raise ValueError(f"apply_rope_complex rotates every feature: head_dim={x.shape[-1]} must be 2 * len(inv_freq)")
-    dtype = torch.float64 if torch.float64 in (x.dtype, inv_freq.dtype) else torch.float32
-    rotation = torch.polar(torch.ones((), dtype=dtype, device=x.device), _angles(positions, inv_freq, dtype))
+    dtype = _table_dtype(x.dtype, inv_freq)
+    rotation = _freqs_cis(positions, inv_freq, dtype)
     pairs = torch.view_as_complex(x.to(dtype).contiguous().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
@@ -170,11 +446,56 @@ def apply_rope(
     first ``rotary_dim`` features and passes the rest through, as GPT-NeoX's ``rotary_pct`` and
     GPT-J's ``rotary_dim`` do; ``inv_freq`` then has ``rotary_dim/2`` entries. Returns a tensor
     of ``x``'s shape, dtype and device; angles are formed in float32 (float64 if either input is).
+
+    The cos/sin tables are cached (:func:`rope_cos_sin`). The half layout is bit for bit the
+    original real arithmetic ``x1·cos - x2·sin``, ``x2·cos + x1·sin`` (computed in place into
+    one contiguous output when no gradient is needed). The interleaved layout is computed as the
+    complex product of :func:`apply_rope_complex` (Meta's form; one pass), which can differ from
+    the real arithmetic by about 1 ulp of the output: no committed experiment uses it
+    (``pebook.xpos`` keeps the real arithmetic).
     """
     if layout not in ROPE_LAYOUTS:
         raise ValueError(f"layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
     rotary_dim = _check_rope_inputs(x, positions, inv_freq, rotary_dim)
-    return _rotate(x, positions, inv_freq, layout, rotary_dim)
+    return _rotate_fast(x, positions, inv_freq, layout, rotary_dim)
+
+
+def _rotate_from_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half_layout: bool) -> torch.Tensor:
+    """The rotation as one expression, for ``torch.compile`` to fuse into a single kernel."""
+    rotary_dim = 2 * cos.shape[-1]
+    xf = x[..., :rotary_dim].to(cos.dtype)
+    x1, x2 = (xf[..., : rotary_dim // 2], xf[..., rotary_dim // 2 :]) if half_layout else (xf[..., 0::2], xf[..., 1::2])
+    first, second = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    rotated = torch.cat((first, second), -1) if half_layout else torch.stack((first, second), -1).flatten(-2)
+    rotated = rotated.to(x.dtype)
+    return rotated if rotary_dim == x.shape[-1] else torch.cat((rotated, x[..., rotary_dim:]), -1)
+
+
+_COMPILED: dict = {}
+
+
+def apply_rope_compiled(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    layout: str = "half",
+    rotary_dim: int | None = None,
+) -> torch.Tensor:
+    """:func:`apply_rope` with the rotation compiled by ``torch.compile`` into one fused kernel.
+
+    Opt-in, for accelerators (Triton on CUDA): the tables come from the same cache and stay in
+    float32 (float64) whatever ``x``'s dtype, only the elementwise rotation is compiled, reading
+    ``x`` once and writing the output once, as Liger's Triton RoPE does. Not bit for bit
+    :func:`apply_rope` (the compiler may fuse multiply-adds): equal to within a few ulp. The first
+    call per layout compiles (seconds); new shapes may recompile once, then run dynamic.
+    """
+    if layout not in ROPE_LAYOUTS:
+        raise ValueError(f"layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+    rotary_dim = _check_rope_inputs(x, positions, inv_freq, rotary_dim)
+    cos, sin = _cos_sin(positions, inv_freq, _table_dtype(x.dtype, inv_freq))
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_rotate_from_tables)
+    return _COMPILED["fn"](x, cos, sin, layout == "half")
 
 
 def rope_layout_permutation(dim: int, *, device=None) -> torch.Tensor:
@@ -278,7 +599,7 @@ class RoPE(PositionalEncoding):
         self.inv_freq = inv_freq.detach().to(self.inv_freq.device, self.inv_freq.dtype)
 
     def rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        rotated = _rotate(x, position_ids, self.inv_freq, self.rope_layout, self.rotary_dim)
+        rotated = _rotate_fast(x, position_ids, self.inv_freq, self.rope_layout, self.rotary_dim, True)
         return rotated if self.attention_factor == 1.0 else rotated * self.attention_factor
 
     def extra_repr(self) -> str:

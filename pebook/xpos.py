@@ -55,7 +55,7 @@ import torch
 
 from ._checks import check_even, check_float_dtype, check_int, check_positive_float
 from .encoding import PositionalEncoding
-from .rope import DEFAULT_ROPE_BASE, ROPE_LAYOUTS, _check_rope_inputs, _rotate, rope_frequencies
+from .rope import DEFAULT_ROPE_BASE, ROPE_LAYOUTS, _check_rope_inputs, _rotate, _rotate_fast, rope_frequencies
 
 __all__ = [
     "DEFAULT_XPOS_SCALE_BASE",
@@ -129,8 +129,8 @@ def _transform(x, positions, inv_freq, layout: str, log_zeta, scale_base: float 
     The scale and the rotation commute (one real factor per pair). ``x`` is scaled in the working
     precision (float32, or float64 if ``x`` or ``inv_freq`` is) and cast to ``x.dtype`` at the end.
     """
-    if scale_base is None:  # decay switched off: RoPE
-        return _rotate(x, positions, inv_freq, layout, x.shape[-1])
+    if scale_base is None:  # decay switched off: RoPE, exactly as pebook.RoPE rotates
+        return _rotate_fast(x, positions, inv_freq, layout, x.shape[-1])
     dtype = torch.float64 if torch.float64 in (x.dtype, inv_freq.dtype) else torch.float32
     signed = positions if role == "query" else -positions.to(torch.float64)
     scales = _scales(signed, log_zeta, scale_base).to(dtype)  # (seq, d/2) or (batch, seq, d/2)
