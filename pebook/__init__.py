@@ -13,7 +13,8 @@ The library, one module per concept:
 * :mod:`pebook.alibi` — Press, Smith & Lewis 2022 (arXiv:2108.12409)
 * :mod:`pebook.rope_scaling` — RoPE context extension: PI (arXiv:2306.15595), NTK, YaRN (arXiv:2309.00071)
 * :mod:`pebook.attention`, :mod:`pebook.model`, :mod:`pebook.cache` — attention with any of
-  them, ``TinyLM``, the KV cache
+  them, ``TinyLM``, the KV cache; :mod:`pebook.flex` — logit biases on FlexAttention
+  (arXiv:2412.05496)
 * :mod:`pebook.generation` — autoregressive decoding with a KV cache
 
 The book's own support code (errata runner, corpus, training, experiments, benchmark, plotting)
@@ -25,7 +26,8 @@ from . import generation
 from .alibi import ALiBi, alibi_bias, alibi_distance_weights, alibi_effective_window, alibi_slopes
 from .attention import MultiHeadAttention, positional_attention
 from .cache import KVCache
-from .encoding import PLACES, LogitBias, PositionalEncoding
+from .encoding import ATTENTION_IMPLEMENTATIONS, PLACES, LogitBias, PositionalEncoding
+from .flex import FlexAttentionFallbackWarning, flex_logit_bias_attention
 from .learned import LearnedPE, LearnedPositionalEmbedding, learned_parameter_count
 from .masking import causal_mask
 from .model import TinyLM, TransformerBlock
@@ -57,9 +59,11 @@ from .utils import default_device, seed_everything
 __version__ = "0.2.0"
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
     "ALiBi",
     "DEFAULT_ROPE_BASE",
     "ENCODINGS",
+    "FlexAttentionFallbackWarning",
     "KVCache",
     "LearnedPE",
     "LearnedPositionalEmbedding",
@@ -87,6 +91,7 @@ __all__ = [
     "default_device",
     "encoding_options",
     "fit_shift_map",
+    "flex_logit_bias_attention",
     "generation",
     "learned_parameter_count",
     "positional_attention",

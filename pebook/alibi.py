@@ -135,8 +135,13 @@ class ALiBi(LogitBias):
     def declared_parameters(self):
         return {"slopes": ((self.n_heads,), False)}
 
-    def score(self, head, q_pos, k_pos):
-        return _alibi_score(self.slopes, head, q_pos, k_pos, symmetric=not self.causal)
+    depends_on = "distance"
+
+    def distance_key(self, distance):
+        return distance.abs() if not self.causal else distance
+
+    def key_score(self, head, key):  # _alibi_score's operations, from the distance on
+        return -self.slopes[head] * key.to(self.slopes.dtype)
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, causal={self.causal}"

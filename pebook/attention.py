@@ -20,7 +20,7 @@ from torch import nn
 
 from ._checks import check_attention_inputs, check_bool, check_float_tensor, check_int, check_positions
 from .cache import KVCache, check_cache, extend_key_mask, window_cache
-from .encoding import PositionalEncoding
+from .encoding import PositionalEncoding, check_attn_implementation
 from .masking import (
     check_attention_mask,
     check_causal_lengths,
@@ -52,6 +52,25 @@ def _check_encoding_fits(position: PositionalEncoding, heads: int, head_dim: int
             )
 
 
+def attend_options(position: PositionalEncoding, attn_implementation) -> dict:
+    """The keyword arguments that pass ``attn_implementation`` to ``position.attend``, checked once.
+
+    ``{}`` for the default ``"sdpa"`` (so an encoding whose own ``attend`` predates the keyword
+    still works); otherwise the encoding's hook must take the keyword and the value must be among
+    its :attr:`~pebook.PositionalEncoding.attn_implementations`.
+    """
+    attn_implementation = check_attn_implementation(attn_implementation)
+    if attn_implementation == "sdpa":
+        return {}
+    takes = "attn_implementation" in inspect.signature(position.attend).parameters
+    if not takes or attn_implementation not in position.attn_implementations:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} is not supported by the {position.name} encoding "
+            f"(it supports {position.attn_implementations if takes else ('sdpa',)})"
+        )
+    return {"attn_implementation": attn_implementation}
+
+
 def positional_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,6 +82,7 @@ def positional_attention(
     key_position_ids: torch.Tensor | None = None,
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
+    attn_implementation: str = "sdpa",
 ) -> torch.Tensor:
     """Attention of ``q`` over ``k, v`` with one positional encoding module (``None``: no position).
 
@@ -76,6 +96,9 @@ def positional_attention(
     causal mask follows storage order (queries are the last ``q_len`` keys). ``scale`` defaults
     to ``1/√head_dim``. ``key_mask`` ``(batch, k_len)`` (bool, or ints 1 for a token and 0 for
     padding, as ``transformers``' ``attention_mask``) hides padding keys from every query.
+    ``attn_implementation``: ``"sdpa"`` (the bias materialised, cached by the encoding) or
+    ``"flex_attention"`` (a logit bias as a FlexAttention ``score_mod``, :mod:`pebook.flex`;
+    other encodings keep SDPA).
     """
     b, h, lq, lk, d = check_attention_inputs(q, k, v)
     if encoding is None:
@@ -91,6 +114,7 @@ def positional_attention(
             "use MultiHeadAttention or add encoding.embed(...) to the input"
         )
     _check_encoding_fits(encoding, h, d, check_bool("causal", causal))
+    options = attend_options(encoding, attn_implementation)
     scale = _check_scale(scale)
     q_pos, k_pos = default_positions(b, lq, lk, q.device, position_ids, key_position_ids)
     check_causal_lengths(causal, lq, lk)
@@ -106,7 +130,7 @@ def positional_attention(
             values=key_mask.device.type == "cpu",
         )
     q, k = encoding.rotate_queries(q, q_pos), encoding.rotate(k, k_pos)
-    return encoding.attend(q, k, v, q_pos, k_pos, causal=causal, scale=scale, key_mask=key_mask)
+    return encoding.attend(q, k, v, q_pos, k_pos, causal=causal, scale=scale, key_mask=key_mask, **options)
 
 
 class MultiHeadAttention(nn.Module):
@@ -151,6 +175,11 @@ class MultiHeadAttention(nn.Module):
       absolute ones included (their position is already in the cached key). Needs ``causal``
       attention; an encoding that overrides ``attend`` without a ``window`` argument (Shaw) is
       refused.
+
+    ``attn_implementation`` (``transformers``' name): ``"sdpa"`` (default; the materialised
+    bias, cached by the encoding) or ``"flex_attention"`` (a logit bias as a FlexAttention
+    ``score_mod``, :mod:`pebook.flex`; encodings that add nothing to the scores keep SDPA, CoPE
+    refuses it).
     """
 
     def __init__(
@@ -166,6 +195,7 @@ class MultiHeadAttention(nn.Module):
         bias: bool = True,
         cache_rotated_keys: bool = True,
         sliding_window: int | None = None,
+        attn_implementation: str = "sdpa",
         **encoding_options,
     ):
         super().__init__()
@@ -197,6 +227,8 @@ class MultiHeadAttention(nn.Module):
                 **encoding_options,
             )
         self.encoding = self.position.name
+        self._attend_options = attend_options(self.position, attn_implementation)
+        self.attn_implementation = attn_implementation
         self.cache_rotated_keys = check_bool("cache_rotated_keys", cache_rotated_keys)
         if not cache_rotated_keys:
             check_rotated_keys_option(self.position)
@@ -291,7 +323,16 @@ class MultiHeadAttention(nn.Module):
             stored, k = k, self.position.rotate(k, k_pos)
         if self.sliding_window is None:
             out = self.position.attend(
-                q, k, v, q_pos, k_pos, causal=self.causal, scale=self.scale, bias=bias, key_mask=key_mask
+                q,
+                k,
+                v,
+                q_pos,
+                k_pos,
+                causal=self.causal,
+                scale=self.scale,
+                bias=bias,
+                key_mask=key_mask,
+                **self._attend_options,
             )
         else:
             out = self.position.attend(
@@ -305,6 +346,7 @@ class MultiHeadAttention(nn.Module):
                 bias=bias,
                 key_mask=key_mask,
                 window=self.sliding_window,
+                **self._attend_options,
             )
         return self.out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (stored, v)
 
@@ -312,6 +354,8 @@ class MultiHeadAttention(nn.Module):
         extra = "" if self.cache_rotated_keys else ", cache_rotated_keys=False"
         if self.sliding_window is not None:
             extra += f", sliding_window={self.sliding_window}"
+        if self.attn_implementation != "sdpa":
+            extra += f", attn_implementation={self.attn_implementation!r}"
         return f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, causal={self.causal}, scale={self.scale}{extra}"
 
 
@@ -332,8 +376,30 @@ def positions_for(position: PositionalEncoding, batch: int, seq: int, past_len: 
     """
     if position_ids is None:
         position.check_positions(past_len + seq - 1)
-        return torch.arange(past_len, past_len + seq, device=device).expand(batch, seq)
+        return default_ids(past_len, seq, batch, device)
     ids = check_positions("position_ids", position_ids, batch, seq, device)
     if ids.device.type == "cpu" and ids.numel():
         position.check_positions(int(ids.max()))
     return ids
+
+
+#: default position tensors kept (one per (start, length, batch, device)), most recent last
+_DEFAULT_IDS_SIZE = 8
+_DEFAULT_IDS: dict = {}
+
+
+def default_ids(start: int, length: int, batch: int, device) -> torch.Tensor:
+    """``start … start + length - 1`` as a ``(batch, length)`` int64 view, the same tensor each call.
+
+    The same object for the same arguments, so a cached bias (:meth:`pebook.LogitBias.masked_bias`)
+    recognises its positions without comparing them; rebuilt if modified in place.
+    """
+    key = (start, length, batch, torch.device(device))
+    entry = _DEFAULT_IDS.pop(key, None)
+    if entry is None or entry[0]._version != entry[1]:
+        ids = torch.arange(start, start + length, device=device).expand(batch, length)
+        entry = (ids, ids._version)
+    _DEFAULT_IDS[key] = entry
+    while len(_DEFAULT_IDS) > _DEFAULT_IDS_SIZE:
+        del _DEFAULT_IDS[next(iter(_DEFAULT_IDS))]
+    return entry[0]

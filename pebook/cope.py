@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from ._checks import check_attention_inputs, check_bool, check_float_tensor, check_int, check_same_placement
-from .encoding import PositionalEncoding
+from .encoding import PositionalEncoding, check_attn_implementation
 from .masking import (
     check_attention_mask,
     check_causal_lengths,
@@ -223,6 +223,7 @@ class CoPE(PositionalEncoding):
 
     name = "cope"
     place = "contextual"
+    attn_implementations = ("sdpa",)  # the counted positions need the whole gate matrix
     example_options = {"cope_max_position": 5}  # shorter than the tests' sequences: clamping is exercised
 
     def __init__(self, *, head_dim: int, cope_max_position: int = 64):
@@ -234,7 +235,15 @@ class CoPE(PositionalEncoding):
     def declared_parameters(self):
         return {"position_embeddings": ((self.max_position + 1, self.head_dim), True)}
 
-    def attend(self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None, key_mask=None, window=None):
+    def attend(
+        self, q, k, v, q_pos, k_pos, *, causal, scale, bias=None, key_mask=None, window=None, attn_implementation="sdpa"
+    ):
+        if check_attn_implementation(attn_implementation) not in self.attn_implementations:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported by the cope encoding (its positions "
+                f"depend on the content, which a FlexAttention score_mod cannot count); use one of "
+                f"{self.attn_implementations}"
+            )
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         visible = _visible(q.shape[2], k.shape[2], causal, key_mask, window, q.device)
         return _cope_core(q, k, v, self.position_embeddings, q_pos, k_pos, visible, scale)

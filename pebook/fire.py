@@ -186,5 +186,28 @@ class FIRE(LogitBias):
         x = _interpolate(q_pos, k_pos, self.c.to(dtype), self.threshold.to(dtype))
         return self.mlp(x, head)
 
+    def flex_score(self):
+        """:meth:`score` without a reduction, for a compiled FlexAttention ``score_mod``.
+
+        The hidden layer's sum over its ``width`` units is unrolled into ``width`` pointwise
+        terms (the compiled kernel lowers a ``score_mod`` as pointwise code); the function
+        captures the parameters as tensors, not the module. Equal to :meth:`score` up to the
+        order of the sum (float rounding).
+        """
+        dtype = torch.promote_types(self.c.dtype, torch.float32)
+        c, threshold = self.c.to(dtype), self.threshold.to(dtype)
+        w1, b1 = self.mlp_hidden.weight[:, 0].to(dtype), self.mlp_hidden.bias.to(dtype)
+        w2, b2 = self.mlp_out.weight.to(dtype), self.mlp_out.bias.to(dtype)
+        width = self.mlp_width
+
+        def score(head, q_pos, k_pos):
+            x = _interpolate(q_pos, k_pos, c, threshold)
+            out = b2[head]
+            for unit in range(width):
+                out = out + torch.relu(x * w1[unit] + b1[unit]) * w2[head, unit]
+            return out
+
+        return score
+
     def extra_repr(self) -> str:
         return ", ".join([f"n_heads={self.n_heads}", *(f"{k}={v!r}" for k, v in self._options.items())])

@@ -166,21 +166,21 @@ class Kerple(LogitBias):
         self.r1.data.clamp_(min=KERPLE_EPS)
         self.r2.data.clamp_(min=KERPLE_EPS, max=self.r2_max)
 
-    def logit_bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def prepare_(self) -> None:
+        """Before every bias (:meth:`logit_bias`, :meth:`score_mod`, the cached and FlexAttention paths)."""
         self.project_parameters_()
-        return super().logit_bias(q_pos, k_pos)
 
-    def score_mod(self, q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool = False):
-        self.project_parameters_()
-        return super().score_mod(q_pos, k_pos, causal=causal)
+    depends_on = "distance"
 
-    def score(self, head, q_pos, k_pos):
+    def distance_key(self, distance):
+        return distance.abs()
+
+    def key_score(self, head, key):
         # at least float32 (parameters cast to half keep a float32 bias; SDPA casts it to the logits' dtype)
         dtype = torch.promote_types(self.r1.dtype, torch.float32)
         r1 = self.r1.clamp(min=KERPLE_EPS).to(dtype)
         r2 = self.r2.clamp(min=KERPLE_EPS, max=self.r2_max).to(dtype)
-        distance = (q_pos - k_pos).abs().to(dtype)
-        return _kernel(self.variant, distance, r1[head], r2[head])
+        return _kernel(self.variant, key.to(dtype), r1[head], r2[head])
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, kerple_variant={self.variant!r}"

@@ -76,6 +76,10 @@ class TinyLM(nn.Module):
     arXiv:2310.06825), with or without a cache, and keeps at most ``W`` tokens in the returned
     cache. After tokens are evicted, ``attention_mask`` still covers every token so far
     (``past_kvs.dropped + past_kvs.length + seq`` columns, as ``transformers``' does).
+
+    ``attn_implementation`` (``transformers``' name, see :class:`pebook.MultiHeadAttention`):
+    ``"sdpa"`` (default) or ``"flex_attention"``; with the latter a logit bias shared across
+    layers is not materialised once per forward but read by each layer's ``score_mod``.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class TinyLM(nn.Module):
         scale: float | None = None,
         cache_rotated_keys: bool = True,
         sliding_window: int | None = None,
+        attn_implementation: str = "sdpa",
         **options,
     ):
         super().__init__()
@@ -128,6 +133,7 @@ class TinyLM(nn.Module):
                 scale=scale,
                 cache_rotated_keys=cache_rotated_keys,
                 sliding_window=sliding_window,
+                attn_implementation=attn_implementation,
                 **options,
             )
             for layer_encoding in layer_encodings
@@ -137,7 +143,9 @@ class TinyLM(nn.Module):
         attn = self.blocks[0].attn
         self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
         self.cache_rotated_keys, self.sliding_window = attn.cache_rotated_keys, attn.sliding_window
-        self._shared_bias = cls.shared_across_layers and cls.place == "logits"
+        self.attn_implementation = attn.attn_implementation
+        # one materialised bias for all layers, unless each layer hands its score_mod to FlexAttention
+        self._shared_bias = cls.shared_across_layers and cls.place == "logits" and self.attn_implementation == "sdpa"
 
     @property
     def encoding_module(self):

@@ -136,7 +136,12 @@ class T5PE(LogitBias):
     def declared_parameters(self):
         return {"relative_bias.bias.weight": ((self.relative_bias.num_buckets, self.n_heads), True)}
 
-    def score(self, head, q_pos, k_pos):
+    depends_on = "distance"
+
+    def distance_key(self, distance):
+        """The bucket of the relative position ``k_pos - q_pos = -distance``."""
         rb = self.relative_bias
-        buckets = _bucket(k_pos - q_pos, rb.bidirectional, rb.num_buckets, rb.max_distance)
-        return rb.bias.weight[buckets, head]
+        return _bucket(-distance, rb.bidirectional, rb.num_buckets, rb.max_distance)
+
+    def key_score(self, head, key):
+        return self.relative_bias.bias.weight[key, head]
