@@ -298,10 +298,27 @@ def _bias_candidates(name: str, length: int, device, compile_peers: bool) -> lis
             torch.ones(length, length, dtype=torch.bool, device=device).triu(1), float("-inf")
         )
     enc_name = "ALiBi" if name == "alibi" else "T5PE"
+    with torch.no_grad():  # the first call builds the cached (1,H,L,L) bias, as a model's first layer or step does
+        pb.positional_attention(q, k, v, enc)
     rows = [
         Candidate("SDPA is_causal, no bias", "floor", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
-        Candidate(f"positional_attention({enc_name})", "pebook", lambda: pb.positional_attention(q, k, v, enc)),
+        Candidate(
+            f"positional_attention({enc_name}), cached bias (built by a first call, untimed)",
+            "pebook",
+            lambda: pb.positional_attention(q, k, v, enc),
+        ),
     ]
+    flex_label = f"positional_attention({enc_name}, attn_implementation='flex_attention')"
+    if compile_peers:
+        rows.append(
+            Candidate(
+                flex_label,
+                "pebook",
+                lambda: pb.positional_attention(q, k, v, enc, attn_implementation="flex_attention"),
+            )
+        )
+    else:  # the fast path is the compiled kernel: without it the row would time the fallback
+        rows.append(Candidate(flex_label, "pebook", unavailable="compile off"))
     if 4 * HEADS * length * length * 4 > REFERENCE_LIMIT_BYTES[device.type]:
         rows.append(Candidate("reference: logit_bias + explicit softmax", "pebook", unavailable="skipped: too large"))
     else:
@@ -342,6 +359,11 @@ def _shaw_candidates(length: int, device, compile_peers: bool) -> list[Candidate
     rows = [
         Candidate("SDPA is_causal, no bias", "floor", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
         Candidate(f"shaw_attention (k={SHAW_K})", "pebook", lambda: shaw_attention(q, k, v, rel_k, rel_v, SHAW_K)),
+        Candidate(
+            "shaw fast path (attn_implementation='flex_attention')",
+            "pebook",
+            lambda: shaw_attention(q, k, v, rel_k, rel_v, SHAW_K, attn_implementation="flex_attention"),
+        ),
     ]
     if naive_bytes > REFERENCE_LIMIT_BYTES[device.type]:
         rows.append(
@@ -386,7 +408,7 @@ def meta_apply_rotary_emb(xq, xk, freqs_cis):
 
 
 def _rope_candidates(layout: str, shape, device, compile_peers: bool) -> list[Candidate]:
-    from ..rope import apply_rope, apply_rope_complex, rope_frequencies
+    from ..rope import apply_rope, apply_rope_compiled, apply_rope_complex, rope_frequencies
 
     batch, heads, length, dim = shape
     q, k = (_randn(*shape, device=device, seed=s) for s in range(2))
@@ -398,19 +420,31 @@ def _rope_candidates(layout: str, shape, device, compile_peers: bool) -> list[Ca
         buf_q.copy_(q)
         buf_k.copy_(k)
 
+    # the tables are cached per (positions, frequencies, device, dtype) and shared by a model's
+    # layers: measure with a warm cache (the warm-up call fills it), as every layer after the first
     rows = [
         Candidate("elementwise copy of q and k", "floor", floor),
         Candidate(
-            f"apply_rope(layout={layout!r})",
+            f"apply_rope(layout={layout!r}) (cached tables)",
             "pebook",
             lambda: (apply_rope(q, pos, inv_freq, layout), apply_rope(k, pos, inv_freq, layout)),
         ),
         Candidate(
-            "reference: apply_rope_complex",
+            "reference: apply_rope_complex (cached freqs_cis)",
             "pebook",
             lambda: (apply_rope_complex(q, pos, inv_freq), apply_rope_complex(k, pos, inv_freq)),
         ),
     ]
+    if compile_peers:
+        rows.append(
+            Candidate(
+                f"apply_rope_compiled(layout={layout!r})",
+                "pebook",
+                lambda: (apply_rope_compiled(q, pos, inv_freq, layout), apply_rope_compiled(k, pos, inv_freq, layout)),
+            )
+        )
+    else:
+        rows.append(Candidate(f"apply_rope_compiled(layout={layout!r})", "pebook", unavailable="compile off"))
     if layout == "interleaved":
         q_bl, k_bl = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()  # Meta's (B, L, H, D)
         freqs_cis = meta_rope_freqs_cis(dim, length, device=device)
@@ -529,6 +563,48 @@ class NanoGPT(nn.Module):
             cache.append(kv)
         return self.lm_head(self.ln_f(x)), cache
 
+    @classmethod
+    def from_tinylm(cls, tiny) -> NanoGPT:
+        """The nanoGPT-style model computing the same function as ``tiny`` (its weights copied).
+
+        ``tiny``: a :class:`pebook.TinyLM` with ``encoding="learned"`` or ``"rope"`` (half layout,
+        base 10000, whole head, multi-head attention, default scale). Every parameter maps to
+        exactly one of the same shape (TinyLM's ``qkv`` holds queries, keys, values head-major, as
+        ``c_attn`` does), so the two have the same size and architecture, not just the same count.
+        """
+        from ..rope import rope_frequencies
+
+        rope = tiny.encoding == "rope"
+        if tiny.encoding not in ("learned", "rope") or tiny.n_kv_heads != tiny.n_heads:
+            raise ValueError(
+                "from_tinylm needs a multi-head TinyLM with encoding 'learned' or 'rope', got "
+                f"encoding={tiny.encoding!r}, n_kv_heads={tiny.n_kv_heads} of n_heads={tiny.n_heads}"
+            )
+        if rope:
+            enc = tiny.encoding_module
+            shape = (enc.rope_layout, enc.rotary_dim, tiny.blocks[0].attn.scale, enc.attention_factor)
+            default = torch.allclose(enc.inv_freq.cpu().double(), rope_frequencies(tiny.head_dim, dtype=torch.float64))
+            if shape != ("half", tiny.head_dim, None, 1.0) or not default:
+                raise ValueError(
+                    "from_tinylm needs RoPE in the half layout over the whole head with base 10000 and the default "
+                    f"scale, got rope_layout={enc.rope_layout!r}, rotary_dim={enc.rotary_dim} of head_dim="
+                    f"{tiny.head_dim}, scale={tiny.blocks[0].attn.scale}, attention_factor={enc.attention_factor}, "
+                    f"default frequencies: {default}"
+                )
+        weight = tiny.token_embedding.weight
+        nano = cls(tiny.vocab_size, tiny.dim, tiny.n_layers, tiny.n_heads, tiny.max_positions, rope=rope)
+        nano.to(weight.device, weight.dtype)
+        pairs = [(nano.wte, tiny.token_embedding), (nano.ln_f, tiny.final_norm), (nano.lm_head, tiny.lm_head)]
+        for mine, theirs in zip(nano.blocks, tiny.blocks):
+            pairs += [(mine.ln_1, theirs.attn_norm), (mine.c_attn, theirs.attn.qkv), (mine.c_proj, theirs.attn.out)]
+            pairs += [(mine.ln_2, theirs.mlp_norm), (mine.mlp, theirs.mlp)]
+        with torch.no_grad():
+            for mine, theirs in pairs:
+                mine.load_state_dict(theirs.state_dict())
+            if not rope:
+                nano.wpe.weight.copy_(tiny.position.table.weight)
+        return nano
+
 
 def nanogpt_greedy(model: NanoGPT, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
     """The hand-written decoding loop: prefill, then one token per step with a ``torch.cat`` cache."""
@@ -559,10 +635,9 @@ def _train_candidates(cfg: dict, device) -> tuple[list[Candidate], dict]:
     x, y = data[:, :-1].to(device), data[:, 1:].to(device)
     models = {}
     torch.manual_seed(0)
-    models["nano_learned"] = NanoGPT(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["seq"], rope=False)
-    models["pebook_learned"] = pb.TinyLM(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["seq"], "learned")
-    models["nano_rope"] = NanoGPT(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["seq"], rope=True)
-    models["pebook_rope"] = pb.TinyLM(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["seq"], "rope")
+    for encoding in ("learned", "rope"):  # each nanoGPT twin starts from its TinyLM's weights: the same function
+        tiny = pb.TinyLM(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], cfg["seq"], encoding)
+        models[f"nano_{encoding}"], models[f"pebook_{encoding}"] = NanoGPT.from_tinylm(tiny), tiny
 
     def step_fn(model, nano):
         model.to(device).train()
@@ -587,6 +662,9 @@ def _train_candidates(cfg: dict, device) -> tuple[list[Candidate], dict]:
         for key, model in models.items()
     ]
     params = {labels[key][0]: _n_params(model) for key, model in models.items()}
+    for encoding in ("learned", "rope"):
+        if _n_params(models[f"nano_{encoding}"]) != _n_params(models[f"pebook_{encoding}"]):
+            raise RuntimeError(f"the nanoGPT-style twin of TinyLM({encoding!r}) has another parameter count")
     return rows, params
 
 
@@ -598,8 +676,8 @@ def _decode_candidates(cfg: dict, device) -> list[Candidate]:
     max_positions = cfg["prompt"] + cfg["new"]
     prompt = torch.randint(0, cfg["vocab"], (1, cfg["prompt"]), generator=torch.Generator().manual_seed(0)).to(device)
     torch.manual_seed(0)
-    nano = NanoGPT(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], max_positions, rope=True).to(device).eval()
     tiny = pb.TinyLM(cfg["vocab"], cfg["dim"], cfg["layers"], cfg["heads"], max_positions, "rope").to(device).eval()
+    nano = NanoGPT.from_tinylm(tiny).eval()  # the same weights: both loops decode the same tokens
     rows = [
         Candidate(
             "hand-written loop (SDPA, torch.cat cache)", "floor", lambda: nanogpt_greedy(nano, prompt, cfg["new"])
@@ -611,10 +689,12 @@ def _decode_candidates(cfg: dict, device) -> list[Candidate]:
     except ImportError as error:
         rows.append(Candidate("transformers generate, tiny Llama", "peer", unavailable=_short(error)))
         return rows
+    # Llama's gated MLP has three matrices and no biases: intermediate size (8d + 11) / 3 gives its
+    # layers TinyLM's parameter count (exactly when d % 3 == 2, as for d = 128; RMSNorm has no bias)
     config = LlamaConfig(
         vocab_size=cfg["vocab"],
         hidden_size=cfg["dim"],
-        intermediate_size=4 * cfg["dim"],
+        intermediate_size=round((8 * cfg["dim"] + 11) / 3),
         num_hidden_layers=cfg["layers"],
         num_attention_heads=cfg["heads"],
         num_key_value_heads=cfg["heads"],
@@ -637,7 +717,8 @@ def _decode_candidates(cfg: dict, device) -> list[Candidate]:
             do_sample=False,
         )
 
-    rows.append(Candidate("transformers generate, tiny Llama (sdpa)", "peer", hf))
+    size = f"{_n_params(llama):,} parameters, TinyLM {_n_params(tiny):,}"
+    rows.append(Candidate(f"transformers generate, tiny Llama (sdpa; {size})", "peer", hf))
     return rows
 
 

@@ -174,6 +174,7 @@ def train(
         state.model = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
         state.optimizer = _to_cpu(copy.deepcopy(optimizer.state_dict()))
         state.generator = generator.get_state()
+        state.pending = [float(loss) for loss in state.pending]  # tensors until a log step
         return state
 
     bar = None
@@ -199,9 +200,10 @@ def train(
             optimizer.step()
             state.step += 1
             done_here += 1
-            state.pending.append(loss.item())
+            state.pending.append(loss.detach())  # read (a host sync on a GPU) at log steps only
             if state.step % config.log_every == 0 or state.step == config.steps:
-                state.history.append((state.step, sum(state.pending) / len(state.pending)))
+                losses = [float(loss) for loss in state.pending]
+                state.history.append((state.step, sum(losses) / len(losses)))
                 state.pending = []
                 if bar is not None:
                     bar.set_postfix(loss=f"{state.history[-1][1]:.3f}")
@@ -270,9 +272,10 @@ def train_query_task(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            pending.append(loss.item())
+            pending.append(loss.detach())  # read (a host sync on a GPU) at log steps only
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                history.append((step + 1, sum(pending) / len(pending)))
+                losses = [float(loss) for loss in pending]
+                history.append((step + 1, sum(losses) / len(losses)))
                 pending = []
                 if bar is not None:
                     bar.set_postfix(loss=f"{history[-1][1]:.3f}")
