@@ -757,7 +757,13 @@ WORKLOADS = {
     "rope_large": Workload(
         "rope_large", "RoPE on q and k, half layout, Llama-size (batch, heads, L, head_dim), per q+k pair", False
     ),
-    "train": Workload("train", "TinyLM training step (AdamW) vs a nanoGPT-style model of identical size", False),
+    "train": Workload(
+        "train",
+        "TinyLM training step (AdamW) vs a nanoGPT-style model of identical size",
+        False,
+        "Read each TinyLM row against the nanoGPT-style row of the same encoding (the floor is the learned one); "
+        "each pair has the same weights and parameter count.",
+    ),
     "decode": Workload(
         "decode", "Greedy decoding with a KV cache, batch 1", False, "On CPU every row runs with one thread."
     ),
