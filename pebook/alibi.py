@@ -143,5 +143,9 @@ class ALiBi(LogitBias):
     def key_score(self, head, key):  # _alibi_score's operations, from the distance on
         return -self.slopes[head] * key.to(self.slopes.dtype)
 
+    def linear_slopes(self):
+        """The slopes when causal: the bias is then linear in the distance (:mod:`pebook.banded`)."""
+        return self.slopes if self.causal else None
+
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, causal={self.causal}"

@@ -261,6 +261,18 @@ class LogitBias(PositionalEncoding):
     def prepare_(self) -> None:
         """Called before each bias is computed (KERPLE projects its parameters into range)."""
 
+    def constant_beyond(self) -> int | None:
+        """``depends_on == "distance"``: a distance ``W`` from which :meth:`distance_key` is constant
+        in each direction (``q_pos - k_pos >= W``, and ``<= -W``), or ``None`` (the default). Such a
+        bias runs ``attn_implementation="flex_attention"`` as a band plus fused attention
+        (:mod:`pebook.banded`) where that applies."""
+        return None
+
+    def linear_slopes(self) -> torch.Tensor | None:
+        """The ``(heads,)`` slopes ``m_h`` if the bias is ``-m_h · (q_pos - k_pos)`` (causal ALiBi), else
+        ``None`` (the default); ``attn_implementation="flex_attention"`` then runs :mod:`pebook.banded`."""
+        return None
+
     def flex_score(self):
         """A pointwise ``(head, q_pos, k_pos) -> bias`` for a compiled FlexAttention ``score_mod``.
 

@@ -33,6 +33,9 @@ fallback:
   :class:`FlexAttentionFallbackWarning`, for the rest of the process on that device type and
   dtype;
 * on the CPU when a gradient is needed: FlexAttention has no CPU backward (torch 2.13);
+* an encoding whose bias is constant beyond a band (T5: :meth:`pebook.LogitBias.constant_beyond`)
+  or linear in the distance (causal ALiBi: :meth:`pebook.LogitBias.linear_slopes`) runs
+  :mod:`pebook.banded` instead, where :func:`pebook.banded.banded_refusal` allows;
 * with a ``key_mask`` (padded batches: the padding would need a per-call ``BlockMask`` of
   ``O(batch · L²)`` evaluations, as costly as the mask it replaces) and for a single query
   (decoding: the bias of one query is one row, already ``O(L)``, and every new length would
@@ -45,6 +48,8 @@ import warnings
 from collections import OrderedDict
 
 import torch
+
+from .banded import banded_logit_bias_attention, banded_refusal
 
 __all__ = ["FlexAttentionFallbackWarning", "flex_available", "flex_logit_bias_attention"]
 
@@ -176,7 +181,13 @@ def flex_logit_bias_attention(
         return encoding.attend(q, k, v, q_pos, k_pos, causal=causal, scale=scale, key_mask=key_mask, window=window)
 
     lq, lk = q.shape[-2], k.shape[-2]
-    cpu_backward = q.device.type == "cpu" and _needs_grad(encoding, q, k, v)
+    needs_grad = _needs_grad(encoding, q, k, v)
+    refusal = banded_refusal(
+        q, k, encoding, q_pos, k_pos, causal=causal, key_mask=key_mask, window=window, needs_grad=needs_grad
+    )
+    if refusal is None:  # T5 (constant beyond a band), causal ALiBi (linear): fused attention, no compile
+        return banded_logit_bias_attention(q, k, v, encoding, causal=causal, scale=scale)
+    cpu_backward = q.device.type == "cpu" and needs_grad
     kind = (q.device.type, q.dtype)
     if kind in _STATE["failed"] or key_mask is not None or lq == 1 or cpu_backward:
         return materialised()

@@ -145,3 +145,7 @@ class T5PE(LogitBias):
 
     def key_score(self, head, key):
         return self.relative_bias.bias.weight[key, head]
+
+    def constant_beyond(self):
+        """Offsets of ``max_distance`` or more share the last bucket of their direction (:mod:`pebook.banded`)."""
+        return self.relative_bias.max_distance

@@ -170,7 +170,7 @@ def test_a_failed_compile_warns_once_and_falls_back_to_sdpa(monkeypatch, device,
 
     monkeypatch.setitem(flex._STATE, "compiled", broken)
     monkeypatch.setitem(flex._STATE, "failed", {})
-    enc = _encoding("alibi", device)
+    enc = _encoding("kerple", device)  # compiled (ALiBi and T5 run pebook.banded on the CPU)
     q, k, v = _qkv(rand, device)
     with pytest.warns(pebook.FlexAttentionFallbackWarning, match="no compiler here.*falls back"):
         out = _flex(q, k, v, enc)
@@ -189,7 +189,7 @@ def test_torch_compile_failing_at_build_also_falls_back(monkeypatch, device, ran
     monkeypatch.setattr(torch, "compile", no_compile)
     monkeypatch.setitem(flex._STATE, "compiled", None)
     monkeypatch.setitem(flex._STATE, "failed", {})
-    enc = _encoding("t5", device)
+    enc = _encoding("kerple", device)
     q, k, v = _qkv(rand, device)
     with pytest.warns(pebook.FlexAttentionFallbackWarning, match="torch.compile unavailable"):
         out = _flex(q, k, v, enc)
