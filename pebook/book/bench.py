@@ -862,19 +862,28 @@ def run_workload(
     return Table(name, work.title, [key for key, _ in columns], list(rows.values()), note, extra)
 
 
-def _run_in_worker(name: str, **kwargs) -> Table:
-    """One workload in a fresh process with :data:`MEMORY_ENV`, so that its CPU peaks can be measured."""
+def _run_in_worker(name: str, log=None, **kwargs) -> Table:
+    """One workload in a fresh process with :data:`MEMORY_ENV`, so that its CPU peaks can be measured.
+
+    The worker's progress lines (its stderr) go to ``log`` when one is given, and are otherwise
+    kept out of the caller's output (a notebook cell shows stderr); a failed worker's last lines
+    are in the error.
+    """
     job = json.dumps(dict(name=name, **kwargs))
     env = dict(os.environ, **MEMORY_ENV)
     done = subprocess.run(
         [sys.executable, "-m", "pebook.book.bench", "--worker", job],
-        stdout=subprocess.PIPE,
+        capture_output=True,
         text=True,
         env=env,
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark worker for {name} failed with exit status {done.returncode}")
+        tail = "\n".join(done.stderr.strip().splitlines()[-20:])
+        raise RuntimeError(f"benchmark worker for {name} failed with exit status {done.returncode}:\n{tail}")
+    if log:
+        for line in done.stderr.splitlines():
+            log(line)
     return Table.from_dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
@@ -899,7 +908,7 @@ def run_benchmark(
         if log:
             log(f"{name} ...")
         if workers:
-            tables.append(_run_in_worker(name, **kwargs))
+            tables.append(_run_in_worker(name, log=log, **kwargs))
         else:
             tables.append(run_workload(name, **kwargs, log=log))
     return tables
