@@ -242,6 +242,7 @@ class MultiHeadAttention(nn.Module):
                     f"sliding_window={sliding_window} is not supported by the {self.encoding} encoding: its own "
                     "attention hook (attend) takes no window argument"
                 )
+            self._attend_options["window"] = self.sliding_window
 
     def set_rope_frequencies(self, inv_freq: torch.Tensor, attention_factor: float = 1.0) -> None:
         """Give this layer's rotary encoding new frequencies (see :mod:`pebook.rope_scaling`)."""
@@ -321,33 +322,18 @@ class MultiHeadAttention(nn.Module):
             if past is not None:
                 k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
             stored, k = k, self.position.rotate(k, k_pos)
-        if self.sliding_window is None:
-            out = self.position.attend(
-                q,
-                k,
-                v,
-                q_pos,
-                k_pos,
-                causal=self.causal,
-                scale=self.scale,
-                bias=bias,
-                key_mask=key_mask,
-                **self._attend_options,
-            )
-        else:
-            out = self.position.attend(
-                q,
-                k,
-                v,
-                q_pos,
-                k_pos,
-                causal=self.causal,
-                scale=self.scale,
-                bias=bias,
-                key_mask=key_mask,
-                window=self.sliding_window,
-                **self._attend_options,
-            )
+        out = self.position.attend(
+            q,
+            k,
+            v,
+            q_pos,
+            k_pos,
+            causal=self.causal,
+            scale=self.scale,
+            bias=bias,
+            key_mask=key_mask,
+            **self._attend_options,
+        )
         return self.out(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)), (stored, v)
 
     def extra_repr(self) -> str:

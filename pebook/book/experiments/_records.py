@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ... import __version__ as PEBOOK_VERSION
+from ..._checks import check_int
 
 __all__ = [
     "device_info",
@@ -24,6 +25,9 @@ __all__ = [
     "load_data_file",
     "experiment_parser",
     "parse_experiment_args",
+    "preset_with_overrides",
+    "check_eval_multiples",
+    "check_task_config",
 ]
 
 
@@ -154,3 +158,43 @@ def parse_experiment_args(parser: argparse.ArgumentParser, argv) -> argparse.Nam
     if args.threads:
         torch.set_num_threads(args.threads)
     return args
+
+
+def preset_with_overrides(presets: dict, preset: str, overrides: dict, tuples=()) -> dict:
+    """A copy of ``presets[preset]`` with ``overrides`` applied (each must name a hyper-parameter of
+    the preset) and the entries named in ``tuples`` made tuples."""
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {tuple(presets)}, got {preset!r}")
+    config = dict(presets[preset])
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"unknown hyper-parameter {unknown[0]!r}; the preset has {sorted(config)}")
+    config.update(overrides)
+    for name in tuples:
+        config[name] = tuple(config[name])
+    return config
+
+
+def check_eval_multiples(multiples) -> None:
+    """Evaluation lengths as multiples of the training length: increasing, the first 1."""
+    if multiples[0] != 1 or list(multiples) != sorted(set(multiples)):
+        raise ValueError(f"eval_multiples must increase and start at 1, got {multiples}")
+
+
+def check_task_config(config: dict) -> None:
+    """The entries the query-task experiments (retrieval, counting) share: at least one registered
+    encoding, distinct seeds ``>= 0`` and the evaluation multiples."""
+    from ...registry import ENCODINGS
+
+    if not config["encodings"]:
+        raise ValueError("encodings must name at least one encoding, got ()")
+    bad = [e for e in config["encodings"] if e not in ENCODINGS]
+    if bad:
+        raise ValueError(f"encodings must be among {tuple(ENCODINGS)}, got {bad[0]!r}")
+    if not config["seeds"]:
+        raise ValueError("seeds must hold at least one seed, got ()")
+    for s in config["seeds"]:
+        check_int("seeds", s, minimum=0)
+    if len(set(config["seeds"])) != len(config["seeds"]):
+        raise ValueError(f"seeds must not repeat, got {config['seeds']}")
+    check_eval_multiples(config["eval_multiples"])

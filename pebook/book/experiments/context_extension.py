@@ -93,6 +93,7 @@ from ._records import (
     order_ranges,
     parse_experiment_args,
     parse_ints,
+    preset_with_overrides,
     seed_range,
     versions,
     write_json,
@@ -315,13 +316,7 @@ def _check_seeds(seeds) -> tuple:
 
 def preset_config(preset: str, **overrides) -> dict:
     """The hyper-parameters of ``preset`` (a key of :data:`PRESETS`), with ``overrides`` applied."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-    config = dict(PRESETS[preset])
-    unknown = sorted(set(overrides) - set(config))
-    if unknown:
-        raise ValueError(f"unknown hyper-parameter {unknown[0]!r}; the preset has {sorted(config)}")
-    config.update(overrides)
+    config = preset_with_overrides(PRESETS, preset, overrides)
     for name in _TUPLES:
         if isinstance(config[name], str):
             raise ValueError(f"{name} must be a sequence, got the str {config[name]!r}")

@@ -54,6 +54,7 @@ from .. import corpus
 from ..evaluation import TokenScores, paired_by_context, score_tokens, window_context
 from ..training import TrainConfig, build_model, train
 from ._records import (
+    check_eval_multiples,
     device_info,
     experiment_parser,
     jsonable,
@@ -61,6 +62,7 @@ from ._records import (
     order_ranges,
     parse_experiment_args,
     parse_ints,
+    preset_with_overrides,
     seed_range,
     versions,
     write_json,
@@ -185,22 +187,13 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def preset_config(preset: str, **overrides) -> dict:
     """The hyper-parameters of ``preset`` (a key of :data:`PRESETS`), with ``overrides`` applied."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-    config = dict(PRESETS[preset])
-    unknown = sorted(set(overrides) - set(config))
-    if unknown:
-        raise ValueError(f"unknown hyper-parameter {unknown[0]!r}; the preset has {sorted(config)}")
-    config.update(overrides)
-    for name in _TUPLES:
-        config[name] = tuple(config[name])
+    config = preset_with_overrides(PRESETS, preset, overrides, _TUPLES)
     for spec in config["encodings"]:
         _check_spec(spec)
     if not config["seeds"] or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in config["seeds"]):
         raise ValueError(f"seeds must be a non-empty tuple of ints >= 0, got {config['seeds']}")
     multiples = config["eval_multiples"]
-    if multiples[0] != 1 or list(multiples) != sorted(set(multiples)):
-        raise ValueError(f"eval_multiples must increase and start at 1, got {multiples}")
+    check_eval_multiples(multiples)
     bad = [m for m in config["long_multiples"] if m not in multiples or m == 1]
     if bad:
         raise ValueError(f"long_multiples must be eval multiples above 1, got {bad[0]!r}")

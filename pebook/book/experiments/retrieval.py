@@ -57,16 +57,18 @@ import torch
 import torch.nn.functional as F
 
 from ..._checks import check_int, check_positive_float
-from ...registry import ENCODINGS, check_encoding
+from ...registry import check_encoding
 from ...utils import default_device
 from ..corpus import VOCAB_SIZE
 from ..training import TrainConfig, build_model, train_query_task
 from ._records import (
+    check_task_config,
     device_info,
     experiment_parser,
     load_data_file,
     parse_experiment_args,
     parse_ints,
+    preset_with_overrides,
     versions,
     write_json,
 )
@@ -406,28 +408,8 @@ def _evaluate_cell(model, length, lo, hi, n, seed, batch_size, device) -> dict:
 
 def preset_config(preset: str, **overrides) -> dict:
     """The hyper-parameters of ``preset`` (a key of :data:`PRESETS`), with ``overrides`` applied."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-    config = dict(PRESETS[preset])
-    unknown = sorted(set(overrides) - set(config))
-    if unknown:
-        raise ValueError(f"unknown hyper-parameter {unknown[0]!r}; the preset has {sorted(config)}")
-    config.update(overrides)
-    for name in ("encodings", "seeds", "eval_multiples"):
-        config[name] = tuple(config[name])
-    if not config["encodings"]:
-        raise ValueError("encodings must name at least one encoding, got ()")
-    bad = [e for e in config["encodings"] if e not in ENCODINGS]
-    if bad:
-        raise ValueError(f"encodings must be among {tuple(ENCODINGS)}, got {bad[0]!r}")
-    if not config["seeds"]:
-        raise ValueError("seeds must hold at least one seed, got ()")
-    for s in config["seeds"]:
-        check_int("seeds", s, minimum=0)
-    if len(set(config["seeds"])) != len(config["seeds"]):
-        raise ValueError(f"seeds must not repeat, got {config['seeds']}")
-    if config["eval_multiples"][0] != 1 or list(config["eval_multiples"]) != sorted(set(config["eval_multiples"])):
-        raise ValueError(f"eval_multiples must increase and start at 1, got {config['eval_multiples']}")
+    config = preset_with_overrides(PRESETS, preset, overrides, ("encodings", "seeds", "eval_multiples"))
+    check_task_config(config)
     if config["bins"] not in ("geometric", "linear"):
         raise ValueError(f"bins must be 'geometric' or 'linear', got {config['bins']!r}")
     _check_length(config["train_len"])
