@@ -25,11 +25,18 @@ warm-up call): ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak resi
 started with glibc told to return every allocation above 64 KiB to the system when freed, so that
 the resident set tracks live tensors. Inputs (q, k, v, a peer's precomputed bias or tables, the
 model and its optimiser state) exist before the call and are not counted.
+
+Times are not taken under that setting: a fresh mapping per allocation faults in every page it
+touches, which a long-running process does not pay. While the rounds run, the worker sets glibc to
+where its dynamic thresholds settle in such a process (``mmap`` only above 32 MiB, freed memory
+kept), and back afterwards (:func:`steady_allocator`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import importlib.util
 import json
 import math
@@ -55,6 +62,7 @@ __all__ = [
     "WORKLOADS",
     "NanoGPT",
     "measure_cell",
+    "steady_allocator",
     "run_workload",
     "run_benchmark",
     "format_table",
@@ -69,6 +77,10 @@ CELL_BUDGET_SECONDS = 4.0  # rounds beyond the minimum stop once a cell has used
 MIN_ROUNDS = 3
 REFERENCE_LIMIT_BYTES = {"cpu": 3 * 2**30, "cuda": 40 * 2**30}  # largest tensors a reference path may materialise
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# glibc's dynamic mmap threshold rises with each freed mapping up to DEFAULT_MMAP_THRESHOLD_MAX
+# (32 MiB on 64-bit), and the trim threshold follows at twice that: a long-running process's state
+STEADY_MMAP_THRESHOLD, STEADY_TRIM_THRESHOLD = 32 * 2**20, 64 * 2**20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -146,6 +158,31 @@ def cpu_memory_measurable() -> bool:
     )
 
 
+def _set_malloc_thresholds(libc, mmap_threshold: int, trim_threshold: int) -> None:
+    if not (libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)):
+        raise RuntimeError(f"mallopt refused mmap_threshold={mmap_threshold}, trim_threshold={trim_threshold}")
+
+
+@contextlib.contextmanager
+def steady_allocator():
+    """Inside a memory worker (:func:`cpu_memory_measurable`), glibc malloc as a long-running process
+    has it: allocations up to 32 MiB reuse freed heap memory instead of mapping fresh pages, whose
+    page faults would be timed otherwise. On exit :data:`MEMORY_ENV`'s setting is restored and the
+    heap trimmed, so that the next peak is measured as before. Elsewhere it changes nothing."""
+    if not cpu_memory_measurable():
+        yield
+        return
+    libc = ctypes.CDLL("libc.so.6")
+    _set_malloc_thresholds(libc, STEADY_MMAP_THRESHOLD, STEADY_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        _set_malloc_thresholds(
+            libc, int(MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"]), int(MEMORY_ENV["MALLOC_TRIM_THRESHOLD_"])
+        )
+        libc.malloc_trim(0)
+
+
 def _call(candidate: Candidate, device: torch.device) -> float:
     start = time.perf_counter()
     with torch.set_grad_enabled(candidate.grad):
@@ -179,9 +216,10 @@ def measure_cell(
     """Time (and optionally peak memory of) each candidate side by side; the first must be the floor.
 
     A warm-up call first (compilation, one-time allocations), then one call measuring memory, then
-    rounds: in each round every candidate runs ``inner`` times (enough for ``MIN_CALL_SECONDS``), in
-    an order rotated from round to round, and its time per call is divided by the floor's of the
-    same round. At least ``MIN_ROUNDS`` rounds, up to ``repeats`` while the cell's time budget lasts.
+    (under :func:`steady_allocator`, after one more untimed call each) rounds: in each round every
+    candidate runs ``inner`` times (enough for ``MIN_CALL_SECONDS``), in an order rotated from round
+    to round, and its time per call is divided by the floor's of the same round. At least
+    ``MIN_ROUNDS`` rounds, up to ``repeats`` while the cell's time budget lasts.
     """
     device = torch.device(device)
     budget = CELL_BUDGET_SECONDS if budget is None else budget
@@ -210,15 +248,18 @@ def measure_cell(
     round_seconds = sum(inner[c.label] * estimate[c.label] for c in live)
     rounds = max(MIN_ROUNDS, min(repeats, int(budget / max(round_seconds, 1e-9))))
     times = {c.label: [] for c in live}
-    for r in range(rounds):
-        shift = r % len(live)
-        for c in live[shift:] + live[:shift]:
-            start = time.perf_counter()
-            with torch.set_grad_enabled(c.grad):
-                for _ in range(inner[c.label]):
-                    c.fn()
-            _sync(device)
-            times[c.label].append((time.perf_counter() - start) / inner[c.label])
+    with steady_allocator():
+        for c in live:  # untimed: the heap grows to its working size under the new setting
+            _call(c, device)
+        for r in range(rounds):
+            shift = r % len(live)
+            for c in live[shift:] + live[:shift]:
+                start = time.perf_counter()
+                with torch.set_grad_enabled(c.grad):
+                    for _ in range(inner[c.label]):
+                        c.fn()
+                _sync(device)
+                times[c.label].append((time.perf_counter() - start) / inner[c.label])
     floor = times[candidates[0].label]
     for c in live:
         cell = cells[c.label]

@@ -6,7 +6,9 @@ measured, and checks the JSON file.
 """
 
 import json
+import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,3 +191,38 @@ def test_cuda_memory_is_measured_by_the_allocator():
         >= 10 * rows["shaw_attention (k=128)"].peak_extra_bytes
         > 0
     )
+
+
+_MAPPED_SCRIPT = """
+import ctypes, torch
+from pebook.book import bench
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                 "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+def mapped_by_a_live_tensor():
+    before = libc.mallinfo2().hblkhd
+    tensor = torch.empty(2**20)  # 4 MiB
+    return libc.mallinfo2().hblkhd - before
+assert bench.cpu_memory_measurable()
+fresh = mapped_by_a_live_tensor()
+with bench.steady_allocator():
+    mapped_by_a_live_tensor()
+    steady = mapped_by_a_live_tensor()
+after = mapped_by_a_live_tensor()
+print(fresh, steady, after)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
+def test_rounds_are_timed_on_the_heap_not_on_fresh_mappings():
+    """A memory worker maps every allocation above 64 KiB afresh (its pages fault in on each call);
+    steady_allocator serves a 4 MiB tensor from the heap while the rounds are timed, then gives
+    the worker's setting back."""
+    env = dict(os.environ, **bench.MEMORY_ENV)
+    done = subprocess.run([sys.executable, "-c", _MAPPED_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    fresh, steady, after = map(int, done.stdout.split())
+    assert fresh >= 2**22 and after >= 2**22, (fresh, after)
+    assert steady == 0
