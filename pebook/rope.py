@@ -351,19 +351,47 @@ def _rotate(
     return rotated if rest is None else torch.cat((rotated, rest), dim=-1)
 
 
+# On the CPU the half layout's three passes run over blocks of positions this size (x and output),
+# so that the second and third passes find the block still in a core's L2 cache
+_HALF_BLOCK_BYTES = 2**20
+
+
+def _half_block_rows(x: torch.Tensor) -> int:
+    """Positions per block of ``x`` (``(..., seq, d)``): all of them off the CPU, else as many as
+    fit in ``_HALF_BLOCK_BYTES`` (at least one)."""
+    per_position = x.numel() // max(x.shape[-2], 1) * x.element_size()
+    if x.device.type != "cpu" or per_position == 0:
+        return max(x.shape[-2], 1)
+    return max(1, _HALF_BLOCK_BYTES // per_position)
+
+
+def _half_passes(x, cos_full, sin, out) -> None:
+    torch.mul(x, cos_full, out=out)
+    out1, out2 = out.chunk(2, dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    out1.addcmul_(x2, sin, value=-1)
+    out2.addcmul_(x1, sin)
+
+
 def _rotate_half_inplace(x, positions, inv_freq, rotary_dim, module_frequencies):
     """Half layout without autograd: ``out = x·cat(cos, cos)`` (one contiguous product), then
     ``out1 -= x2·sin`` and ``out2 += x1·sin`` in place with the same ``addcmul`` as :func:`_rotate`,
     into a contiguous output like the one ``cat`` gave: the same operations on the same values,
-    bit for bit :func:`_rotate`, in three passes instead of eight and no ``cat`` copies."""
+    bit for bit :func:`_rotate`, in three passes instead of eight and no ``cat`` copies. On the CPU
+    the passes go block by block over positions (:data:`_HALF_BLOCK_BYTES`), which changes only
+    the order in which elements are visited, not what is computed for each."""
     dtype = _table_dtype(x.dtype, inv_freq)
     cos_full, sin = _half_tables(positions, inv_freq, dtype, module_frequencies)
     if rotary_dim == x.shape[-1] and x.dtype == dtype:  # the common case, in as few calls as possible
-        out = torch.mul(x, cos_full, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))  # contiguous
-        out1, out2 = out.chunk(2, dim=-1)
-        x1, x2 = x.chunk(2, dim=-1)
-        out1.addcmul_(x2, sin, value=-1)
-        out2.addcmul_(x1, sin)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous
+        rows, length = _half_block_rows(x), x.shape[-2]
+        if rows >= length:  # one block (decoding, small inputs, GPUs): no slicing at all
+            _half_passes(x, cos_full, sin, out)
+            return out
+        for start in range(0, length, rows):
+            # tables are (seq, r) or (batch, 1, seq, r): positions on dim -2, as in x
+            block = (Ellipsis, slice(start, start + rows), slice(None))
+            _half_passes(x[block], cos_full[block], sin[block], out[block])
         return out
     half = rotary_dim // 2
     partial = rotary_dim != x.shape[-1]

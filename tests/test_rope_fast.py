@@ -111,6 +111,44 @@ def test_half_layout_is_bit_for_bit_the_legacy_code(
     )  # xpos, rope_nd
 
 
+@given(
+    seq=st.integers(1, 40),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([2, 8, 64]),
+    batched_ids=st.booleans(),
+    dtype=st.sampled_from([torch.float32, F64]),
+    block_bytes=st.integers(1, 4096),
+    seed=st.integers(0, 2**16),
+)
+def test_half_layout_in_blocks_of_positions_is_bit_for_bit(
+    device, seq, heads, head_dim, batched_ids, dtype, block_bytes, seed
+):
+    """The CPU's blocked passes (forced small here: from one position per block to all of them,
+    with a ragged last block) give exactly the unblocked result, strided inputs and position ids."""
+    x = split_heads(2, seq, heads, head_dim, device, dtype, seed)
+    ids = torch.arange(3, 3 + seq, device=device)
+    ids = torch.stack((ids, ids.flip(0) * 5)) if batched_ids else ids
+    inv_freq = rope_frequencies(head_dim, device=device)
+    expected = legacy_rotate(x, ids, inv_freq, "half", head_dim)
+    saved = rope_module._HALF_BLOCK_BYTES
+    rope_module._HALF_BLOCK_BYTES = block_bytes
+    try:
+        with torch.no_grad():
+            got = apply_rope(x, ids, inv_freq)
+    finally:
+        rope_module._HALF_BLOCK_BYTES = saved
+    assert_identical(got, expected)
+
+
+def test_half_layout_blocks_are_a_megabyte_of_positions_on_the_cpu_only():
+    x = torch.zeros(2, 8, 4096, 64)  # 4 KiB per position
+    assert rope_module._half_block_rows(x) == 256
+    assert rope_module._half_block_rows(torch.zeros(3, 2**19)) == 1  # a position above the block
+    assert rope_module._half_block_rows(torch.zeros(1, 8, 100, 64)) >= 100  # one block
+    if torch.cuda.is_available():
+        assert rope_module._half_block_rows(x.cuda()) == 4096
+
+
 def test_training_graph_is_unchanged(device):
     """With autograd the half layout runs the old graph: outputs and gradients bit for bit."""
     x = split_heads(2, 9, 3, 16, device, torch.float32, 1).detach().requires_grad_()
