@@ -359,10 +359,10 @@ _HALF_BLOCK_BYTES = 2**20
 def _half_block_rows(x: torch.Tensor) -> int:
     """Positions per block of ``x`` (``(..., seq, d)``): all of them off the CPU, else as many as
     fit in ``_HALF_BLOCK_BYTES`` (at least one)."""
-    per_position = x.numel() // max(x.shape[-2], 1) * x.element_size()
-    if x.device.type != "cpu" or per_position == 0:
+    nbytes = x.numel() * x.element_size()
+    if nbytes <= _HALF_BLOCK_BYTES or x.device.type != "cpu":
         return max(x.shape[-2], 1)
-    return max(1, _HALF_BLOCK_BYTES // per_position)
+    return max(1, _HALF_BLOCK_BYTES * x.shape[-2] // nbytes)
 
 
 def _half_passes(x, cos_full, sin, out) -> None:
@@ -415,12 +415,14 @@ def _rotate_interleaved_complex(x, positions, inv_freq, rotary_dim, module_frequ
     dtype = _table_dtype(x.dtype, inv_freq)
     freqs_cis = _freqs_cis(positions, inv_freq, dtype, module_frequencies)
     rot = x[..., :rotary_dim] if rotary_dim != x.shape[-1] else x
-    xf = rot.to(dtype)
+    xf = rot if rot.dtype == dtype else rot.to(dtype)  # (no call at all in the common case)
     try:
         pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))
     except RuntimeError:  # strides or offset not even: view_as_complex needs a copy
         pairs = torch.view_as_complex(xf.contiguous().unflatten(-1, (-1, 2)))
-    rotated = torch.view_as_real(pairs * freqs_cis).flatten(-2).to(x.dtype)
+    rotated = torch.view_as_real(pairs * freqs_cis).flatten(-2)
+    if rotated.dtype != x.dtype:
+        rotated = rotated.to(x.dtype)
     return rotated if rot is x else torch.cat((rotated, x[..., rotary_dim:]), dim=-1)
 
 
