@@ -40,6 +40,7 @@ from ._checks import (
     check_same_placement,
 )
 from .encoding import PositionalEncoding
+from .rope_native import rope_half_native
 
 __all__ = [
     "DEFAULT_ROPE_BASE",
@@ -379,10 +380,17 @@ def _rotate_half_inplace(x, positions, inv_freq, rotary_dim, module_frequencies)
     into a contiguous output like the one ``cat`` gave: the same operations on the same values,
     bit for bit :func:`_rotate`, in three passes instead of eight and no ``cat`` copies. On the CPU
     the passes go block by block over positions (:data:`_HALF_BLOCK_BYTES`), which changes only
-    the order in which elements are visited, not what is computed for each."""
+    the order in which elements are visited, not what is computed for each; and where the native
+    kernel is available (:mod:`pebook.rope_native`: compiled at first use, checked against these
+    passes in each process) they are one pass that rounds exactly as they do."""
     dtype = _table_dtype(x.dtype, inv_freq)
+    common = rotary_dim == x.shape[-1] and x.dtype == dtype
+    if common and x.device.type == "cpu":  # one native pass, bit for bit the passes below
+        out = rope_half_native(x, *_cos_sin(positions, inv_freq, dtype, module_frequencies))
+        if out is not None:
+            return out
     cos_full, sin = _half_tables(positions, inv_freq, dtype, module_frequencies)
-    if rotary_dim == x.shape[-1] and x.dtype == dtype:  # the common case, in as few calls as possible
+    if common:  # in as few calls as possible
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous
         rows, length = _half_block_rows(x), x.shape[-2]
         if rows >= length:  # one block (decoding, small inputs, GPUs): no slicing at all
