@@ -306,19 +306,30 @@ class MultiHeadAttention(nn.Module):
         if embedded is not None:
             x = x + embedded
         hd = self.head_dim
-        q, k, v = (
-            self.qkv(x)
-            .view(b, t, -1, hd)
-            .transpose(1, 2)
-            .split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
-        )
-        q = self.position.rotate_queries(q, q_pos)
-        if self.cache_rotated_keys:
+        heads = self.qkv(x).view(b, t, -1, hd).transpose(1, 2)  # (batch, q + k + v heads, seq, head_dim)
+        q, k, v = heads.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=1)
+        if (
+            past is not None
+            and self.cache_rotated_keys
+            and self.position.place == "qk"
+            and type(self.position).rotate_queries is PositionalEncoding.rotate_queries
+        ):
+            # a decoding step: queries and keys rotate alike, so in one call over their heads (the
+            # same arithmetic per element); the keys are concatenated to the cache just below, so
+            # the view does not keep the queries alive
+            q, k = self.position.rotate(heads[:, : self.n_heads + self.n_kv_heads], q_pos).split(
+                (self.n_heads, self.n_kv_heads), dim=1
+            )
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+            stored = k
+        elif self.cache_rotated_keys:
+            q = self.position.rotate_queries(q, q_pos)
             k = self.position.rotate(k, q_pos)
             if past is not None:
                 k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
             stored = k
         else:  # cache the keys as projected; rotate all of them with the current frequencies
+            q = self.position.rotate_queries(q, q_pos)
             if past is not None:
                 k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
             stored, k = k, self.position.rotate(k, k_pos)

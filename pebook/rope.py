@@ -203,9 +203,10 @@ def rope_table_cache_info() -> RopeTableCacheInfo:
 
 
 def clear_rope_table_cache() -> None:
-    """Empty the RoPE table cache and reset its counters."""
+    """Empty the RoPE table cache (and the decoding steps' tables) and reset its counters."""
     _CACHE.clear()
     _FREQ_MEMO.clear()
+    _STEP_TABLES.clear()
 
 
 def _value_key(t: torch.Tensor) -> tuple:
@@ -286,6 +287,66 @@ def _freqs_cis(positions, inv_freq, dtype, module_frequencies=False) -> torch.Te
         return (torch.polar(ones, _angles(positions, inv_freq, dtype)),)
 
     return _tables("freqs_cis", positions, inv_freq, dtype, build, module_frequencies)[0]
+
+
+# ------------------------------------------------------------------ decoding steps
+#
+# A decoding step rotates one new position in every layer, and the cache above, keyed by the
+# positions tensor (new at each step), builds a one-row table at each step. For a RoPE module on
+# the CPU, one integer position shared by the batch is instead a row of a single table of
+# positions 0 … n-1 per frequencies and dtype, grown by doubling (up to _STEP_TABLE_MAX_BYTES).
+# When such a table is built, some of its rows are compared with the one-row tables the cache
+# would build: cos and sin of a longer tensor could round otherwise (they do not with PyTorch's
+# CPU kernels, whose vectorised tails round as the body does); where one differs, the process
+# keeps building one-row tables.
+
+_STEP_TABLE_MAX_BYTES = 16 * 2**20  # cos and sin together, per frequencies and dtype
+_STEP_TABLE_MIN_POSITIONS = 64
+_STEP_TABLE_ENTRIES = 4
+_STEP_TABLES: OrderedDict = OrderedDict()  # (device, dtype, inference mode, frequencies) -> (cos, sin)
+_STEP_TABLES_INEXACT: set = set()  # dtypes whose long tables differed from one-row tables
+
+
+def _one_row_tables(position: int, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """``(cos, sin)`` of one position, ``(1, r)``, as the table cache builds them for it."""
+    angles = _angles(torch.tensor([position], device=inv_freq.device), inv_freq, dtype)
+    return angles.cos(), angles.sin()
+
+
+def _step_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple | None:
+    """``(cos, sin)`` rows ``(1, r)`` for positions that are one integer shared by the batch (a
+    decoding step of a RoPE module on the CPU), or ``None`` (then the table cache builds them)."""
+    if (
+        positions.shape[-1] != 1
+        or positions.device.type != "cpu"
+        or positions.dtype not in (torch.int64, torch.int32)
+        or (positions.dim() == 2 and positions.shape[0] > 1 and positions.stride(0) != 0)
+        or dtype in _STEP_TABLES_INEXACT
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    position = int(positions[(0,) * positions.dim()])
+    key = (positions.device, dtype, torch.is_inference_mode_enabled(), _frequency_value_key(inv_freq))
+    tables = _STEP_TABLES.get(key)
+    if tables is None or tables[0].shape[0] <= position:
+        row_bytes = 2 * inv_freq.numel() * dtype.itemsize
+        size = max(_STEP_TABLE_MIN_POSITIONS, 1 << position.bit_length())
+        if position < 0 or size * row_bytes > _STEP_TABLE_MAX_BYTES:
+            return None
+        angles = _angles(torch.arange(size, device=positions.device), inv_freq, dtype)
+        tables = (angles.cos(), angles.sin())
+        for row in {0, 1, position, size // 2 + 1, size - 1}:
+            one_row = _one_row_tables(row, inv_freq, dtype)
+            if not (
+                torch.equal(one_row[0], tables[0][row : row + 1]) and torch.equal(one_row[1], tables[1][row : row + 1])
+            ):
+                _STEP_TABLES_INEXACT.add(dtype)
+                return None
+        _STEP_TABLES[key] = tables
+        while len(_STEP_TABLES) > _STEP_TABLE_ENTRIES:
+            _STEP_TABLES.popitem(last=False)
+    _STEP_TABLES.move_to_end(key)
+    return tables[0][position : position + 1], tables[1][position : position + 1]
 
 
 def _check_table_args(positions, inv_freq, dtype) -> None:
@@ -386,7 +447,8 @@ def _rotate_half_inplace(x, positions, inv_freq, rotary_dim, module_frequencies)
     dtype = _table_dtype(x.dtype, inv_freq)
     common = rotary_dim == x.shape[-1] and x.dtype == dtype
     if common and x.device.type == "cpu":  # one native pass, bit for bit the passes below
-        out = rope_half_native(x, *_cos_sin(positions, inv_freq, dtype, module_frequencies))
+        tables = _step_tables(positions, inv_freq, dtype) if module_frequencies else None
+        out = rope_half_native(x, *(tables or _cos_sin(positions, inv_freq, dtype, module_frequencies)))
         if out is not None:
             return out
     cos_full, sin = _half_tables(positions, inv_freq, dtype, module_frequencies)

@@ -405,3 +405,77 @@ def test_clear_errors(device):
         rope_cos_sin(ids, inv_freq[None])
     with pytest.raises(ValueError, match="rotary_dim must be even and at most head_dim=8, got 12"):
         apply_rope_compiled(torch.zeros(4, 8, device=device), ids, inv_freq, rotary_dim=12)
+
+
+# ---------------------------------------------------------------- decoding steps' tables
+
+
+@given(
+    position=st.integers(0, 5000),
+    head_dim=st.sampled_from([2, 6, 16, 18, 64, 128]),
+    dtype=st.sampled_from([torch.float32, F64]),
+    batch=st.integers(1, 3),
+    inference=st.booleans(),
+)
+def test_a_decoding_step_reads_its_tables_from_one_long_table_bit_for_bit(position, head_dim, dtype, batch, inference):
+    """One position shared by the batch: RoPE.rotate takes rows of a long table, which equal the
+    one-row tables the cache builds, so the rotation is bit for bit apply_rope's."""
+    clear_rope_table_cache()
+    module = RoPE(head_dim=head_dim).to(dtype)
+    x = split_heads(batch, 1, 3, head_dim, "cpu", dtype, position)
+    ids = torch.tensor([[position]]).expand(batch, 1)
+    with torch.inference_mode(inference), torch.no_grad():
+        rows = rope_module._step_tables(ids, module.inv_freq, dtype)
+        got = module.rotate(x, ids)
+        expected = legacy_rotate(x, ids, module.inv_freq, "half", head_dim)
+    assert rows is not None and rows[0].shape == (1, head_dim // 2)
+    one_row = rope_module._one_row_tables(position, module.inv_freq, dtype)
+    assert torch.equal(rows[0], one_row[0]) and torch.equal(rows[1], one_row[1])
+    assert_identical(got, expected)
+    table = next(iter(rope_module._STEP_TABLES.values()))[0]
+    assert table.shape[0] > position and table.shape[0] & (table.shape[0] - 1) == 0  # grown by doubling
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        torch.tensor([[3], [4]]),  # rows at different positions
+        torch.tensor([[3.0]]),  # not integers
+        torch.tensor([[3, 4]]),  # two positions: the table cache serves prefills
+        torch.tensor([[-1]]),
+        torch.tensor([[2**20]]),  # beyond _STEP_TABLE_MAX_BYTES
+    ],
+)
+def test_step_tables_only_serve_one_integer_position_shared_by_the_batch(ids):
+    assert rope_module._step_tables(ids, rope_frequencies(64), torch.float32) is None
+
+
+def test_step_tables_stay_few_and_are_cleared_with_the_cache():
+    clear_rope_table_cache()
+    for base in range(10):
+        inv_freq = rope_frequencies(16, 1000.0 + base)
+        assert rope_module._step_tables(torch.tensor([[5]]), inv_freq, torch.float32) is not None
+    assert len(rope_module._STEP_TABLES) == rope_module._STEP_TABLE_ENTRIES
+    clear_rope_table_cache()
+    assert not rope_module._STEP_TABLES
+
+
+def test_a_long_table_that_rounds_otherwise_is_never_used(monkeypatch):
+    """Where a long table's row differs from the one-row table (cos/sin of longer tensors rounding
+    otherwise), the process keeps the one-row tables for that dtype."""
+    clear_rope_table_cache()
+    real = rope_module._one_row_tables
+
+    def off_by_one_ulp(position, inv_freq, dtype):
+        cos, sin = real(position, inv_freq, dtype)
+        return torch.nextafter(cos, torch.full_like(cos, 2.0)), sin
+
+    monkeypatch.setattr(rope_module, "_one_row_tables", off_by_one_ulp)
+    monkeypatch.setattr(rope_module, "_STEP_TABLES_INEXACT", set())
+    module = RoPE(head_dim=16)
+    ids = torch.tensor([[7]])
+    assert rope_module._step_tables(ids, module.inv_freq, torch.float32) is None
+    assert rope_module._STEP_TABLES_INEXACT == {torch.float32}
+    x = split_heads(1, 1, 2, 16, "cpu", torch.float32, 0)
+    with torch.no_grad():
+        assert_identical(module.rotate(x, ids), legacy_rotate(x, ids, module.inv_freq, "half", 16))

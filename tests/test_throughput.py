@@ -180,6 +180,51 @@ def test_forward_and_cache_are_bit_for_bit_the_frozen_code(device, encoding_name
         _assert_same_cache(cache, cache0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_kv_heads", [None, 1])
+@pytest.mark.parametrize("path", ["plain", "padded", "window"])
+@pytest.mark.parametrize("name", QK_ENCODINGS)
+def test_decoding_steps_rotate_queries_and_keys_in_one_call_bit_for_bit(device, name, path, n_kv_heads, dtype):
+    """A decoding step rotates the query and key heads in one call where the encoding rotates them
+    alike (rotate_queries not overridden): logits and caches equal those of two calls, forced here
+    by overriding rotate_queries with the same rotation; grouped-query heads and padded rows too."""
+    options, padded = PATHS[path]
+    if not _supports(name, options):
+        pytest.skip(f"{name} takes no sliding window")
+    kv = {} if n_kv_heads is None else {"n_kv_heads": n_kv_heads}
+    model = make_lm(name, device=device, dtype=dtype, **options, **kv)
+    cls = type(model.blocks[0].attn.position)
+    tokens = tokens_of(3, 10, device=device)
+    mask = left_padding(3, 10, device) if padded else None
+    calls = []
+
+    def run():
+        calls.clear()
+        with torch.no_grad():
+            return _prefill_then_steps(
+                model, tokens, mask, 4, lambda t, p, c, m: model.forward_trusted(t, p, c, True, attention_mask=m)
+            )
+
+    rotate = cls.rotate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cls, "rotate", lambda self, x, ids: calls.append(x.shape[1]) or rotate(self, x, ids))
+        joined = run()
+        joined_calls = list(calls)
+        if cls.rotate_queries is pb.PositionalEncoding.rotate_queries:
+            patch.setattr(cls, "rotate_queries", lambda self, x, ids: self.rotate(x, ids))
+        separate = run()
+        separate_calls = list(calls)
+    steps, layers, heads, kv_heads = 10 - 4, LAYERS, HEADS, n_kv_heads or HEADS
+    if name == "xpos":  # its queries scale the other way: two calls at every step
+        assert joined_calls == separate_calls
+    else:
+        assert joined_calls[-steps * layers :] == [heads + kv_heads] * (steps * layers)
+        assert separate_calls[-2 * steps * layers :] == [heads, kv_heads] * (steps * layers)
+    for (logits, cache), (logits0, cache0) in zip(joined, separate):
+        assert torch.equal(logits, logits0)
+        _assert_same_cache(cache, cache0)
+
+
 @pytest.mark.parametrize("path", ["plain", "padded", "window"])
 def test_generate_is_bit_for_bit_the_frozen_loop(device, encoding_name, path):
     options, padded = PATHS[path]
