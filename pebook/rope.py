@@ -192,6 +192,9 @@ class _TableCache:
 
 
 _CACHE = _TableCache()
+# per kind of table, the last lookup: (weak references to positions and inv_freq, dtype, inference
+# mode, their versions, the tables' versions, tables)
+_LAST_HIT: dict = {}
 _FREQ_MEMO: OrderedDict = OrderedDict()  # id(inv_freq) -> (weakref, _version, value key)
 
 
@@ -207,6 +210,7 @@ def clear_rope_table_cache() -> None:
     _CACHE.clear()
     _FREQ_MEMO.clear()
     _STEP_TABLES.clear()
+    _LAST_HIT.clear()
 
 
 def _value_key(t: torch.Tensor) -> tuple:
@@ -248,14 +252,32 @@ def _tables(kind: str, positions, inv_freq, dtype, build, module_frequencies: bo
     tracing (``torch.compile``) or when positions or frequencies need gradients."""
     if torch.compiler.is_compiling() or positions.requires_grad or inv_freq.requires_grad:
         return build()
+    inference = torch.is_inference_mode_enabled()
+    last = _LAST_HIT.get(kind)
+    if (  # the same tensors as the previous call, unchanged: the common case, in a few attribute reads
+        last is not None
+        and last[0]() is positions
+        and last[1]() is inv_freq
+        and last[2] == dtype
+        and last[3] == inference
+        and last[4] == (positions._version, inv_freq._version)
+        and all(t._version == version for t, version in last[5])
+    ):
+        _CACHE.hits += 1
+        return last[6]
     guards: list = []
     freq_key = _frequency_value_key(inv_freq) if module_frequencies else _input_key(inv_freq, guards, False)
     positions_key = _input_key(positions, guards, False)
     if freq_key is None or positions_key is None:
         return build()
     # tables made under inference_mode cannot be saved for backward: a separate entry
-    key = (kind, positions.device, dtype, torch.is_inference_mode_enabled(), freq_key, positions_key)
-    return _CACHE.lookup(key, tuple(guards), build)
+    key = (kind, positions.device, dtype, inference, freq_key, positions_key)
+    tables = _CACHE.lookup(key, tuple(guards), build)
+    if not any(t.is_inference() for t in (positions, inv_freq, *tables)):  # (no version counters)
+        versions = (positions._version, inv_freq._version)
+        inputs = (weakref.ref(positions), weakref.ref(inv_freq))
+        _LAST_HIT[kind] = (*inputs, dtype, inference, versions, [(t, t._version) for t in tables], tables)
+    return tables
 
 
 def _table_dtype(x_dtype: torch.dtype, inv_freq: torch.Tensor) -> torch.dtype:
