@@ -40,7 +40,7 @@ from ._checks import (
     check_same_placement,
 )
 from .encoding import PositionalEncoding
-from .rope_native import rope_half_native
+from .rope_native import eager_half_passes, rope_half_native
 
 __all__ = [
     "DEFAULT_ROPE_BASE",
@@ -449,14 +449,6 @@ def _half_block_rows(x: torch.Tensor) -> int:
     return max(1, _HALF_BLOCK_BYTES * x.shape[-2] // nbytes)
 
 
-def _half_passes(x, cos_full, sin, out) -> None:
-    torch.mul(x, cos_full, out=out)
-    out1, out2 = out.chunk(2, dim=-1)
-    x1, x2 = x.chunk(2, dim=-1)
-    out1.addcmul_(x2, sin, value=-1)
-    out2.addcmul_(x1, sin)
-
-
 def _rotate_half_inplace(x, positions, inv_freq, rotary_dim, module_frequencies):
     """Half layout without autograd: ``out = x·cat(cos, cos)`` (one contiguous product), then
     ``out1 -= x2·sin`` and ``out2 += x1·sin`` in place with the same ``addcmul`` as :func:`_rotate`,
@@ -478,12 +470,12 @@ def _rotate_half_inplace(x, positions, inv_freq, rotary_dim, module_frequencies)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous
         rows, length = _half_block_rows(x), x.shape[-2]
         if rows >= length:  # one block (decoding, small inputs, GPUs): no slicing at all
-            _half_passes(x, cos_full, sin, out)
+            eager_half_passes(x, cos_full, sin, out)
             return out
         for start in range(0, length, rows):
             # tables are (seq, r) or (batch, 1, seq, r): positions on dim -2, as in x
             block = (Ellipsis, slice(start, start + rows), slice(None))
-            _half_passes(x[block], cos_full[block], sin[block], out[block])
+            eager_half_passes(x[block], cos_full[block], sin[block], out[block])
         return out
     half = rotary_dim // 2
     partial = rotary_dim != x.shape[-1]
@@ -570,8 +562,9 @@ def apply_rope(
     of ``x``'s shape, dtype and device; angles are formed in float32 (float64 if either input is).
 
     The cos/sin tables are cached (:func:`rope_cos_sin`). The half layout is bit for bit the
-    original real arithmetic ``x1·cos - x2·sin``, ``x2·cos + x1·sin`` (computed in place into
-    one contiguous output when no gradient is needed). The interleaved layout is computed as the
+    original real arithmetic ``x1·cos - x2·sin``, ``x2·cos + x1·sin`` (computed into one
+    contiguous output when no gradient is needed: in one native pass on the CPU where
+    :mod:`pebook.rope_native` is available, else in three in-place passes). The interleaved layout is computed as the
     complex product of :func:`apply_rope_complex` (Meta's form; one pass), which can differ from
     the real arithmetic by about 1 ulp of the output: no committed experiment uses it
     (``pebook.xpos`` keeps the real arithmetic).

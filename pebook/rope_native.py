@@ -252,14 +252,20 @@ def _load(state: _State) -> None:
 # ------------------------------------------------------------------ the probe
 
 
-def _eager_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The eager three passes the kernel must equal (pebook.rope's ``_half_passes``), from
-    half-width tables: ``out = x·cat(cos, cos)``, ``out1 -= x2·sin``, ``out2 += x1·sin``."""
-    out = torch.mul(x, torch.cat((cos, cos), dim=-1), out=torch.empty(x.shape, dtype=x.dtype))
+def eager_half_passes(x: torch.Tensor, cos_full: torch.Tensor, sin: torch.Tensor, out: torch.Tensor) -> None:
+    """The half layout's three eager passes into ``out`` (what :func:`pebook.apply_rope` runs where
+    the kernel does not): ``out = x·cos_full``, then ``out1 -= x2·sin`` and ``out2 += x1·sin``."""
+    torch.mul(x, cos_full, out=out)
     out1, out2 = out.chunk(2, dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     out1.addcmul_(x2, sin, value=-1)
     out2.addcmul_(x1, sin)
+
+
+def _eager_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The eager passes the kernel must equal, from half-width tables, into a new tensor."""
+    out = torch.empty(x.shape, dtype=x.dtype)
+    eager_half_passes(x, torch.cat((cos, cos), dim=-1), sin, out)
     return out
 
 

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(not _STATUS.available, reason=f"native RoPE kern
 
 
 def eager_half(x, cos, sin):
-    """pebook.rope's half-layout passes (``_half_passes``) from half-width tables."""
+    """pebook.rope's half-layout passes (``eager_half_passes``) from half-width tables."""
     out = torch.mul(x, torch.cat((cos, cos), dim=-1), out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
     out1, out2 = out.chunk(2, dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
