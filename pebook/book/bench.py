@@ -231,6 +231,9 @@ def measure_cell(
     budget = CELL_BUDGET_SECONDS if budget is None else budget
     if not candidates or candidates[0].role != "floor":
         raise ValueError("the first candidate must be the floor")
+    for name, value in (("repeats", repeats), ("min_rounds", min_rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     cells = {c.label: Cell(unavailable=c.unavailable) for c in candidates}
     live, estimate = [], {}
     for c in candidates:

@@ -95,6 +95,11 @@ def test_a_failing_peer_is_reported_and_the_floor_is_not_optional():
         bench.measure_cell([bench.Candidate("floor", "floor", boom)], repeats=1)
     with pytest.raises(ValueError, match="first candidate must be the floor"):
         bench.measure_cell([bench.Candidate("p", "peer", ok)])
+    for bad in ({"repeats": 0}, {"min_rounds": 0}, {"min_rounds": 2.5}):
+        with pytest.raises(
+            ValueError, match=f"{next(iter(bad))} must be a positive int, got {next(iter(bad.values()))}"
+        ):
+            bench.measure_cell([bench.Candidate("floor", "floor", ok)], **bad)
 
 
 def test_ratios_follow_the_work_done(no_subprocess, monkeypatch):
